@@ -1,0 +1,136 @@
+"""GPU timing helpers: CUDA events, L2 flush, copy bandwidth, progress bar.
+
+Everything runs on CuPy's current stream; :func:`share_stream` puts PyTorch (and so FlashInfer)
+on the same stream, so one pair of CUDA events brackets a launch from either library.
+"""
+import statistics
+import sys
+
+
+def share_stream():
+    """Make PyTorch's current stream CuPy's current stream (a no-op when both are the legacy
+    default stream, as they are out of the box). Returns the stream's handle."""
+    import cupy
+    ptr = cupy.cuda.get_current_stream().ptr
+    try:
+        import torch
+    except ImportError:
+        return ptr
+    if torch.cuda.current_stream().cuda_stream != ptr:
+        torch.cuda.set_stream(torch.cuda.ExternalStream(ptr))
+    return ptr
+
+
+class L2Flush:
+    """Evicts the L2 cache by writing a buffer much larger than it (H100: 50 MB, H200: 60 MB).
+
+    Parameters
+    ----------
+    mib : int
+        Buffer size in MiB, at least 256.
+    """
+
+    def __init__(self, mib=256):
+        import cupy
+        self.buf = cupy.empty(max(256, int(mib)) << 18, dtype=cupy.uint32)
+        self._value = 0
+
+    def __call__(self):
+        # A changing non-zero value keeps this an elementwise write kernel (0 may become a memset).
+        self._value = self._value % 1000 + 1
+        self.buf.fill(self._value)
+
+
+def time_launches(fn, flush, reps=100, warmup=10):
+    """Time ``fn()`` on the GPU with CUDA events, the L2 flushed (untimed) before each launch.
+
+    The flush is queued before the start event, so the host-side launch cost of ``fn`` overlaps
+    the flush and only device time between the events is measured (plus any idle gap when
+    ``fn`` issues several kernels more slowly than the device runs them).
+
+    Returns
+    -------
+    dict
+        ``median``, ``min``, ``p10``, ``p90``, ``mean`` in microseconds and ``reps``.
+    """
+    import cupy
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(warmup):
+        flush()
+        fn()
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
+    for start, end in events:
+        flush()
+        start.record(stream)
+        fn()
+        end.record(stream)
+    events[-1][1].synchronize()
+    us = sorted(cupy.cuda.get_elapsed_time(s, e) * 1e3 for s, e in events)
+    return summarize(us)
+
+
+def summarize(us):
+    """Median, min, 10th/90th percentile and mean of a list of times (µs)."""
+    us = sorted(us)
+    p10, p90 = (us[round(f * (len(us) - 1))] for f in (0.1, 0.9))
+    return {"median": statistics.median(us), "min": us[0], "p10": p10, "p90": p90,
+            "mean": statistics.fmean(us), "reps": len(us)}
+
+
+def copy_bandwidth(mib=1024, reps=20):
+    """Device-to-device copy bandwidth in bytes/s: (bytes read + bytes written) / median time.
+
+    A ``mib`` MiB ``cudaMemcpyAsync`` between two device buffers, timed with CUDA events.
+    """
+    import cupy
+    nbytes = int(mib) << 20
+    seconds = _median_copy_seconds(nbytes, reps)
+    cupy.get_default_memory_pool().free_all_blocks()
+    return 2 * nbytes / seconds
+
+
+def _median_copy_seconds(nbytes, reps):
+    import cupy
+    src = cupy.ones(nbytes, dtype=cupy.uint8)
+    dst = cupy.empty_like(src)
+    stream = cupy.cuda.get_current_stream()
+    for _ in range(3):
+        dst.data.copy_from_device_async(src.data, nbytes, stream)
+    events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
+    for start, end in events:
+        start.record(stream)
+        dst.data.copy_from_device_async(src.data, nbytes, stream)
+        end.record(stream)
+    events[-1][1].synchronize()
+    return statistics.median(cupy.cuda.get_elapsed_time(s, e) for s, e in events) * 1e-3
+
+
+class _Counter:
+    """Minimal stand-in for tqdm: ``[done/total] text`` on stderr."""
+
+    def __init__(self, total, desc=""):
+        self.total, self.n, self.desc, self.text = total, 0, desc, ""
+
+    def set_postfix_str(self, text):
+        self.text = text
+        self._show()
+
+    def update(self, n=1):
+        self.n += n
+        self._show()
+
+    def _show(self):
+        sys.stderr.write(f"\r{self.desc} [{self.n}/{self.total}] {self.text[:70]:<70}")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def progress(total, desc="bench"):
+    """A progress bar over ``total`` steps: tqdm if importable, else a stderr counter."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Counter(total, desc)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)

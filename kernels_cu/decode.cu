@@ -1,0 +1,771 @@
+// Decode attention kernels: exact split-KV decode, and SANTA decode in two launches.
+//
+//   exact_decode    one launch: each block scores and accumulates a split of the sequence for
+//                   the whole query group of one KV head; the last block of a (batch, KV head)
+//                   merges the splits in a fixed order.
+//   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and per-tile
+//                   (max, sum) statistics; the last block of a (batch, KV head) turns them into
+//                   the global CDF's tile offsets (and, for iid, the sorted draw positions).
+//   santa_values    launch 2: per tile, counts how many draw positions fall into each row's CDF
+//                   interval (closed forms, no per-tile budget rounding), gathers only the rows
+//                   drawn by any head of the group, and the last block merges the splits.
+//
+// No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
+#include "common.cuh"
+
+#define SCHEME_IID 0
+#define SCHEME_STRATIFIED 1
+#define SCHEME_SYSTEMATIC 2
+#define SCHEME_TILE 3
+#define PURPOSE_VALUES 0
+
+// q (batch, q_heads, D) of one query group, times scale, into shared memory.
+template <typename T, int D>
+__device__ void load_group_query(const T* q, int b, int kvh, int G, int q_heads, float scale, float* q_sm) {
+  const T* src = q + ((long long)b * q_heads + (long long)kvh * G) * D;
+  for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) q_sm[i] = to_float(src[i]) * scale;
+}
+
+// Copy rows [pos0, pos0 + R) of one KV head into a shared-memory stage (cp.async, zero-filled
+// past `end` or on an out-of-range page); ok_sm[r] says whether row r is real.
+template <typename T, int D>
+__device__ __forceinline__ void issue_stage(char* buf, unsigned char* ok_sm, const T* base, const Cache& cache,
+                                            int b, int kvh, int pos0, int end) {
+  typedef Layout<T, D> L;
+#pragma unroll
+  for (int i = 0; i < L::CPT; ++i) {
+    const int c = threadIdx.x + i * SANTA_THREADS, r = c / L::NCH, ch = c % L::NCH;
+    const long long off = pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
+    cp_async16(buf + r * L::ROW_STRIDE + ch * 16, off >= 0 ? (const void*)(base + off + ch * L::VEC) : (const void*)base,
+               off >= 0);
+    if (ok_sm && ch == 0) ok_sm[r] = off >= 0;
+  }
+}
+
+// Scores of the R rows of a stage for the G heads: s_out[g * stride + r] (-inf for rows that
+// are not real). Each lane keeps its chunks of RPT rows in registers and reads q once per head.
+template <typename T, int D>
+__device__ __forceinline__ void stage_scores(const char* buf, const unsigned char* ok_sm, const float* q_sm,
+                                             float* s_out, int stride, int G) {
+  typedef Layout<T, D> L;
+  const int lane_in_row = threadIdx.x % L::LPR, slot = threadIdx.x / L::LPR;
+  float kf[L::RPT][L::CPL * L::VEC];
+#pragma unroll
+  for (int j = 0; j < L::RPT; ++j)
+#pragma unroll
+    for (int c = 0; c < L::CPL; ++c) {
+      const int r = slot + j * L::RPP;
+      uint4 w = *reinterpret_cast<const uint4*>(buf + r * L::ROW_STRIDE + (lane_in_row + c * L::LPR) * 16);
+      Vec<T>::unpack(w, kf[j] + c * L::VEC);
+    }
+  for (int g = 0; g < G; ++g) {
+    float acc[L::RPT];
+#pragma unroll
+    for (int j = 0; j < L::RPT; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int c = 0; c < L::CPL; ++c) {
+      const float4* qc = reinterpret_cast<const float4*>(q_sm + g * D + (lane_in_row + c * L::LPR) * L::VEC);
+#pragma unroll
+      for (int i4 = 0; i4 < L::VEC / 4; ++i4) {
+        const float4 qq = qc[i4];
+#pragma unroll
+        for (int j = 0; j < L::RPT; ++j) {
+          const float* kk = kf[j] + c * L::VEC + 4 * i4;
+          acc[j] = fmaf(qq.x, kk[0], fmaf(qq.y, kk[1], fmaf(qq.z, kk[2], fmaf(qq.w, kk[3], acc[j]))));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < L::RPT; ++j) {
+#pragma unroll
+      for (int o = L::LPR / 2; o; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+      const int r = slot + j * L::RPP;
+      if (lane_in_row == 0) s_out[g * stride + r] = ok_sm[r] ? acc[j] : NEG_INF;
+    }
+  }
+}
+
+// Tensor-core A fragments of the (up to 16) query heads of a group, one uint4 per (k-step, lane):
+// rows are heads (zero past G), columns head dimensions. Unscaled: the scale multiplies scores.
+template <typename T, int D>
+__device__ void load_query_fragments(const T* q, int b, int kvh, int G, int q_heads, uint4* qf_sm) {
+  const T* src = q + ((long long)b * q_heads + (long long)kvh * G) * D;
+  for (int i = threadIdx.x; i < (D / 16) * 32; i += SANTA_THREADS) {
+    const int ks = i / 32, lane = i % 32, g = lane >> 2, c = ks * 16 + (lane & 3) * 2;
+    auto pair = [&](int h, int col) -> u32 {
+      if (h >= G) return 0u;
+      return (u32)src[h * D + col].x | ((u32)src[h * D + col + 1].x << 16);
+    };
+    qf_sm[i] = make_uint4(pair(g, c), pair(g + 8, c), pair(g, c + 8), pair(g + 8, c + 8));
+  }
+}
+
+// stage_scores on tensor cores: warp w computes the scores of tokens [8 n, 8 n + 8) for n = w, w + 8, ...
+template <typename T, int D>
+__device__ __forceinline__ void stage_scores_mma(const char* buf, const unsigned char* ok_sm, const uint4* qf_sm,
+                                                 float scale, float* s_out, int stride, int G) {
+  typedef Layout<T, D> L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
+  for (int nt = warp; nt < L::R / 8; nt += SANTA_THREADS / 32) {
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    const char* row = buf + (nt * 8 + grp) * L::ROW_STRIDE + tig * 4;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const u32 b0 = *reinterpret_cast<const u32*>(row + ks * 32);
+      const u32 b1 = *reinterpret_cast<const u32*>(row + ks * 32 + 16);
+      mma16816<T>(c, qf_sm[ks * 32 + lane], b0, b1);
+    }
+    const int tok = nt * 8 + tig * 2;
+    if (grp < G) {
+      s_out[grp * stride + tok] = ok_sm[tok] ? c[0] * scale : NEG_INF;
+      s_out[grp * stride + tok + 1] = ok_sm[tok + 1] ? c[1] * scale : NEG_INF;
+    }
+    if (grp + 8 < G) {
+      s_out[(grp + 8) * stride + tok] = ok_sm[tok] ? c[2] * scale : NEG_INF;
+      s_out[(grp + 8) * stride + tok + 1] = ok_sm[tok + 1] ? c[3] * scale : NEG_INF;
+    }
+  }
+}
+
+// Scores of a stage: tensor cores for 16-bit types, CUDA cores (q_sm holds q * scale) for float.
+template <typename T, int D>
+__device__ __forceinline__ void scores_of_stage(const char* buf, const unsigned char* ok_sm, const float* q_sm,
+                                                const uint4* qf_sm, float scale, float* s_out, int stride, int G) {
+  if constexpr (sizeof(T) == 2) stage_scores_mma<T, D>(buf, ok_sm, qf_sm, scale, s_out, stride, G);
+  else stage_scores<T, D>(buf, ok_sm, q_sm, s_out, stride, G);
+}
+
+// (head, 16-byte chunk) items of the value accumulation, spread over the block; when there
+// are fewer items than threads, `phases` threads share an item and split the rows.
+template <typename T, int D> struct Items {
+  typedef Layout<T, D> L;
+  int items, phases, phase;
+  __device__ Items(int G) {
+    items = G * L::NCH;
+    phases = items >= SANTA_THREADS ? 1 : SANTA_THREADS / items;
+    phase = items >= SANTA_THREADS ? 0 : threadIdx.x / items;
+    if (phase >= phases) phase = -1;
+  }
+  __device__ __forceinline__ int item(int j) const {
+    int it = items >= SANTA_THREADS ? threadIdx.x + j * SANTA_THREADS : (j == 0 ? threadIdx.x % items : items);
+    return phase < 0 ? items : it;
+  }
+  // Sum the phases' accumulators into red_sm[item * VEC + i] (threads of phase 0 hold the sums).
+  __device__ void reduce(float (&acc)[L::IPT][L::VEC], float* red_sm) const {
+    if (phases > 1) {
+      __syncthreads();
+      if (phase > 0) {
+        int it = item(0);
+#pragma unroll
+        for (int i = 0; i < L::VEC; ++i) red_sm[(phase * items + it) * L::VEC + i] = acc[0][i];
+      }
+      __syncthreads();
+      if (phase == 0) {
+        int it = item(0);
+        for (int p = 1; p < phases; ++p)
+#pragma unroll
+          for (int i = 0; i < L::VEC; ++i) acc[0][i] += red_sm[(p * items + it) * L::VEC + i];
+      }
+    }
+  }
+};
+
+#define CACHE_ARGS const int *kv_lens, const int *page_table, int max_pages, int page_size, \
+                   int num_pages, int capacity, int kv_heads, int q_heads
+#define MAKE_CACHE Cache cache = {page_table, max_pages, page_size, num_pages, capacity, kv_heads}
+
+// Sum over the splits of one (batch, query head), in split order, with loads issued ahead.
+__device__ __forceinline__ float sum_splits(const float* p, int nsplit, long long stride) {
+  float o = 0.f;
+  int s = 0;
+  for (; s + 8 <= nsplit; s += 8) {
+    float x[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) x[u] = __ldcg(p + (s + u) * stride);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) o += x[u];
+  }
+  for (; s < nsplit; ++s) o += __ldcg(p + s * stride);
+  return o;
+}
+
+// ============================================================================ exact decode
+// K and V rows stream through NSTAGE shared-memory stages; per stage: scores, an online-softmax
+// update per head, then p V accumulated from shared memory.
+#define EXACT_STAGES 3
+
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split,
+    float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
+  typedef Layout<T, D> L;
+  extern __shared__ __align__(16) char smem_raw[];
+  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
+  const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr bool MMA = sizeof(T) == 2;
+  char* kbuf = smem_raw;                                             // EXACT_STAGES x STAGE_BYTES
+  char* vbuf = kbuf + EXACT_STAGES * L::STAGE_BYTES;                 // EXACT_STAGES x STAGE_BYTES
+  uint4* qf_sm = reinterpret_cast<uint4*>(vbuf + EXACT_STAGES * L::STAGE_BYTES);  // (D / 16) x 32
+  float* q_sm = reinterpret_cast<float*>(qf_sm + (D / 16) * 32);     // G x D
+  float* p_sm = q_sm + G * D;                                        // G x R, later the phase reduction
+  __shared__ unsigned char ok_sm[EXACT_STAGES][L::R];
+  __shared__ float m_run[SANTA_GMAX], l_run[SANTA_GMAX], alpha[SANTA_GMAX];
+  __shared__ int flag;
+  MAKE_CACHE;
+  const int len = clamp_len(kv_lens, b, capacity);
+  const int start = min(len, split * tiles_per_split * SANTA_TILE);
+  const int end = min(len, start + tiles_per_split * SANTA_TILE);
+  const int nst = (end - start + L::R - 1) / L::R;
+  if constexpr (MMA) load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
+  else load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
+  if (threadIdx.x < G) { m_run[threadIdx.x] = NEG_INF; l_run[threadIdx.x] = 0.f; }
+  Items<T, D> it(G);
+  float acc[L::IPT][L::VEC];                 // CUDA-core path: (head, chunk) items
+#pragma unroll
+  for (int j = 0; j < L::IPT; ++j)
+#pragma unroll
+    for (int i = 0; i < L::VEC; ++i) acc[j][i] = 0.f;
+  constexpr int NDT = D / 64;                // tensor-core path: 8-dim n-tiles per warp
+  const int grp = lane >> 2, tig = lane & 3;
+  float pacc[NDT][4];
+#pragma unroll
+  for (int j = 0; j < NDT; ++j) pacc[j][0] = pacc[j][1] = pacc[j][2] = pacc[j][3] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < EXACT_STAGES - 1; ++s) {
+    if (s < nst) {
+      issue_stage<T, D>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
+      issue_stage<T, D>(vbuf + s * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + s * L::R, end);
+    }
+    cp_async_commit();
+  }
+  for (int s = 0; s < nst; ++s) {
+    cp_async_wait<EXACT_STAGES - 2>();
+    __syncthreads();
+    const int nx = s + EXACT_STAGES - 1;
+    if (nx < nst) {
+      issue_stage<T, D>(kbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, ok_sm[nx % EXACT_STAGES], k, cache, b, kvh, start + nx * L::R, end);
+      issue_stage<T, D>(vbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + nx * L::R, end);
+    }
+    cp_async_commit();
+    const int cur = s % EXACT_STAGES;
+    scores_of_stage<T, D>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
+    __syncthreads();
+    for (int g = warp; g < G; g += SANTA_THREADS / 32) {   // online softmax, one warp per head
+      float* pg = p_sm + g * L::R;
+      float mt = NEG_INF;
+      for (int r = lane; r < L::R; r += 32) mt = fmaxf(mt, pg[r]);
+      mt = warp_max(mt);
+      const float mnew = fmaxf(m_run[g], mt);
+      const float a = mnew == NEG_INF ? 1.f : __expf(m_run[g] - mnew);
+      float sum = 0.f;
+      for (int r = lane; r < L::R; r += 32) {
+        const float p = mnew == NEG_INF ? 0.f : __expf(pg[r] - mnew);
+        pg[r] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) { l_run[g] = l_run[g] * a + sum; m_run[g] = mnew; alpha[g] = a; }
+    }
+    __syncthreads();
+    const char* vb = vbuf + cur * L::STAGE_BYTES;
+    if constexpr (MMA) {                       // p V on tensor cores: heads x tokens times tokens x dims
+      const float a_lo = grp < G ? alpha[grp] : 1.f, a_hi = grp + 8 < G ? alpha[grp + 8] : 1.f;
+#pragma unroll
+      for (int j = 0; j < NDT; ++j) { pacc[j][0] *= a_lo; pacc[j][1] *= a_lo; pacc[j][2] *= a_hi; pacc[j][3] *= a_hi; }
+      auto P = [&](int h, int k) { return h < G ? p_sm[h * L::R + k] : 0.f; };
+#pragma unroll
+      for (int ks = 0; ks < L::R / 16; ++ks) {
+        const int k0 = ks * 16 + tig * 2;
+        const uint4 a = make_uint4(pack2<T>(P(grp, k0), P(grp, k0 + 1)), pack2<T>(P(grp + 8, k0), P(grp + 8, k0 + 1)),
+                                   pack2<T>(P(grp, k0 + 8), P(grp, k0 + 9)), pack2<T>(P(grp + 8, k0 + 8), P(grp + 8, k0 + 9)));
+#pragma unroll
+        for (int j = 0; j < NDT; ++j) {
+          u32 b0, b1;
+          ldmatrix_x2_trans(b0, b1, vb + (ks * 16 + (lane & 15)) * L::ROW_STRIDE + (warp + j * 8) * 16);
+          mma16816<T>(pacc[j], a, b0, b1);
+        }
+      }
+    } else if (it.phase >= 0) {
+#pragma unroll
+      for (int j = 0; j < L::IPT; ++j) {
+        const int item = it.item(j);
+        if (item < it.items) {
+          const int g = item / L::NCH, ch = item % L::NCH;
+          const float a = alpha[g];
+#pragma unroll
+          for (int i = 0; i < L::VEC; ++i) acc[j][i] *= a;
+          for (int r = it.phase; r < L::R; r += it.phases) {
+            const float p = p_sm[g * L::R + r];
+            float f[L::VEC];
+            Vec<T>::unpack(*reinterpret_cast<const uint4*>(vb + r * L::ROW_STRIDE + ch * 16), f);
+#pragma unroll
+            for (int i = 0; i < L::VEC; ++i) acc[j][i] = fmaf(p, f[i], acc[j][i]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // partial (unnormalised output, running max and sum) of this split
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  if constexpr (MMA) {
+#pragma unroll
+    for (int j = 0; j < NDT; ++j) {
+      const int d = (warp + j * 8) * 8 + tig * 2;
+      if (grp < G) {
+        float* dst = part_o + ((bh0 + grp) * nsplit + split) * D + d;
+        dst[0] = pacc[j][0]; dst[1] = pacc[j][1];
+      }
+      if (grp + 8 < G) {
+        float* dst = part_o + ((bh0 + grp + 8) * nsplit + split) * D + d;
+        dst[0] = pacc[j][2]; dst[1] = pacc[j][3];
+      }
+    }
+  } else {
+    it.reduce(acc, p_sm);
+  }
+  if (!MMA && it.phase == 0) {
+#pragma unroll
+    for (int j = 0; j < L::IPT; ++j) {
+      int item = it.item(j);
+      if (item < it.items) {
+        int g = item / L::NCH, ch = item % L::NCH;
+        float* dst = part_o + ((bh0 + g) * nsplit + split) * D + ch * L::VEC;
+#pragma unroll
+        for (int i = 0; i < L::VEC; ++i) dst[i] = acc[j][i];
+      }
+    }
+  }
+  if (threadIdx.x < G) {
+    part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2] = m_run[threadIdx.x];
+    part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2 + 1] = l_run[threadIdx.x];
+  }
+  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
+
+  // merge the splits in order; each split's weight exp(m_s - m) / l replaces its sum in part_ml
+  __shared__ float m_all[SANTA_GMAX], inv_l[SANTA_GMAX];
+  if (threadIdx.x < G) {
+    const float* ml = part_ml + (bh0 + threadIdx.x) * nsplit * 2;
+    float m = NEG_INF;
+    for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(ml + 2 * s));
+    float l = 0.f;
+    if (m != NEG_INF)
+      for (int s = 0; s < nsplit; ++s) l += __expf(__ldcg(ml + 2 * s) - m) * __ldcg(ml + 2 * s + 1);
+    m_all[threadIdx.x] = m;
+    inv_l[threadIdx.x] = l > 0.f ? 1.f / l : 0.f;
+    if (lse_out) lse_out[bh0 + threadIdx.x] = l > 0.f ? m + __logf(l) : NEG_INF;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * nsplit; i += SANTA_THREADS) {
+    const int g = i / nsplit, s = i % nsplit;
+    float* ml = part_ml + ((bh0 + g) * nsplit + s) * 2;
+    ml[1] = m_all[g] == NEG_INF ? 0.f : __expf(__ldcg(ml) - m_all[g]) * inv_l[g];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
+    const int g = i / D, d = i % D;
+    const float* po = part_o + (bh0 + g) * nsplit * D + d;
+    const float* ml = part_ml + (bh0 + g) * nsplit * 2 + 1;
+    float o = 0.f;
+    int s = 0;
+    for (; s + 8 <= nsplit; s += 8) {
+      float x[8], w[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) { x[u] = __ldcg(po + (long long)(s + u) * D); w[u] = __ldcg(ml + 2 * (s + u)); }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) o = fmaf(w[u], x[u], o);
+    }
+    for (; s < nsplit; ++s) o = fmaf(__ldcg(ml + 2 * s), __ldcg(po + (long long)s * D), o);
+    out[(bh0 + g) * D + d] = from_float<T>(o);
+  }
+}
+
+// ============================================================================ SANTA pass 1
+#define SCORE_STAGES 4
+
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
+    const T* q, const T* k, CACHE_ARGS, float scale, int tiles_per_split, int tiles_max, int stash_stride,
+    float* stash, float* stat_m, float* stat_l, int* counters,
+    int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+  typedef Layout<T, D> L;
+  extern __shared__ __align__(16) char smem_raw[];
+  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
+  const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  char* kbuf = smem_raw;                                                          // SCORE_STAGES x STAGE_BYTES
+  uint4* qf_sm = reinterpret_cast<uint4*>(kbuf + SCORE_STAGES * L::STAGE_BYTES);  // (D / 16) x 32
+  float* q_sm = reinterpret_cast<float*>(qf_sm + (D / 16) * 32);                  // G x D
+  float* s_sm = q_sm + G * D;                                                     // G x TILE
+  __shared__ unsigned char ok_sm[SCORE_STAGES][L::R];
+  __shared__ int flag;
+  MAKE_CACHE;
+  const int len = clamp_len(kv_lens, b, capacity);
+  const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE;
+  const int start = min(len, split * tiles_per_split * SANTA_TILE);
+  const int end = min(len, start + tiles_per_split * SANTA_TILE);
+  const int nst = (end - start + L::R - 1) / L::R;
+  constexpr int SPT = SANTA_TILE / L::R;            // stages per tile
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  if constexpr (sizeof(T) == 2) load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
+  else load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
+
+#pragma unroll
+  for (int s = 0; s < SCORE_STAGES - 1; ++s) {
+    if (s < nst) issue_stage<T, D>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
+    cp_async_commit();
+  }
+  for (int s = 0; s < nst; ++s) {
+    cp_async_wait<SCORE_STAGES - 2>();
+    __syncthreads();
+    const int nx = s + SCORE_STAGES - 1;
+    if (nx < nst)
+      issue_stage<T, D>(kbuf + (nx % SCORE_STAGES) * L::STAGE_BYTES, ok_sm[nx % SCORE_STAGES], k, cache, b, kvh,
+                        start + nx * L::R, end);
+    cp_async_commit();
+    const int cur = s % SCORE_STAGES;
+    scores_of_stage<T, D>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, s_sm + (s % SPT) * L::R,
+                          SANTA_TILE, G);
+    if ((s + 1) % SPT && s + 1 < nst) continue;
+    // a tile is complete: stash its scores and write its (max, sum) per head
+    __syncthreads();
+    const int t = (start / SANTA_TILE) + s / SPT, pos0 = t * SANTA_TILE, rows = min(SANTA_TILE, len - pos0);
+    for (int g = warp; g < G; g += SANTA_THREADS / 32) {
+      const float* sg = s_sm + g * SANTA_TILE;
+      float* dst = stash + (bh0 + g) * stash_stride + pos0;
+      float mt = NEG_INF;
+      for (int r = lane; r < rows; r += 32) { mt = fmaxf(mt, sg[r]); dst[r] = sg[r]; }
+      mt = warp_max(mt);
+      float sum = 0.f;
+      if (mt != NEG_INF)
+        for (int r = lane; r < rows; r += 32) sum += __expf(sg[r] - mt);
+      sum = warp_sum(sum);
+      if (lane == 0) { stat_m[(bh0 + g) * tiles_max + t] = mt; stat_l[(bh0 + g) * tiles_max + t] = sum; }
+    }
+  }
+  cp_async_wait<0>();
+  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
+
+  // Plan, per head: global max M, total mass Z and exclusive tile offsets P_t (double, fixed order).
+  const u32 off = Stream{keys, key, seq_per_batch, offset_ptr, offset}.call_offset();
+  if (threadIdx.x == 0) *plan_off = off;
+  for (int g = warp; g < G; g += SANTA_THREADS / 32) {
+    const float* m = stat_m + (bh0 + g) * tiles_max;
+    const float* l = stat_l + (bh0 + g) * tiles_max;
+    double* P = plan_P + (bh0 + g) * (tiles_max + 1);
+    float mx = NEG_INF;
+    for (int t = lane; t < tiles; t += 32) mx = fmaxf(mx, __ldcg(m + t));
+    mx = warp_max(mx);
+    double carry = 0.0;
+    for (int base = 0; base < tiles; base += 32) {
+      int t = base + lane;
+      double w = (t < tiles && mx != NEG_INF) ? exp((double)__ldcg(m + t) - (double)mx) * (double)__ldcg(l + t) : 0.0;
+      double incl = warp_inclusive_scan(w);
+      if (t < tiles) P[t] = carry + (incl - w);
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) { P[tiles] = carry; plan_Z[bh0 + g] = carry; plan_M[bh0 + g] = mx; }
+  }
+  if (scheme != SCHEME_IID) return;
+  // iid: the S draw positions of each head, sorted (bitonic sort in shared memory).
+  double* u_sm = reinterpret_cast<double*>(smem_raw);
+  int N = 1;
+  while (N < S) N <<= 1;
+  Stream st{keys, key, seq_per_batch, offset_ptr, offset};
+  for (int g = 0; g < G; ++g) {
+    const int h = kvh * G + g;
+    __syncthreads();
+    for (int i = threadIdx.x; i < N; i += SANTA_THREADS) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
+    __syncthreads();
+    for (int kk = 2; kk <= N; kk <<= 1)
+      for (int j = kk >> 1; j > 0; j >>= 1) {
+        for (int i = threadIdx.x; i < N; i += SANTA_THREADS) {
+          int ixj = i ^ j;
+          if (ixj > i) {
+            double x = u_sm[i], y = u_sm[ixj];
+            if ((x > y) == ((i & kk) == 0)) { u_sm[i] = y; u_sm[ixj] = x; }
+          }
+        }
+        __syncthreads();
+      }
+    for (int i = threadIdx.x; i < S; i += SANTA_THREADS) plan_pos[(bh0 + g) * S + i] = u_sm[i];
+  }
+}
+
+// Number of global draw positions below x (scheme iid, stratified or systematic).
+__device__ __forceinline__ int draws_below(int scheme, double x, int S, double U, const Stream& st, int b,
+                                           int h, u32 off, const double* pos) {
+  if (!(x > 0.0)) return 0;
+  if (x >= 1.0) return S;
+  if (scheme == SCHEME_SYSTEMATIC) {
+    double y = ceil(x * S - U);
+    return y <= 0.0 ? 0 : (y >= S ? S : (int)y);
+  }
+  if (scheme == SCHEME_STRATIFIED) {
+    int m = (int)floor(x * S);
+    if (m >= S) return S;
+    double u = ((double)m + st.uniform(b, h, PURPOSE_VALUES, off, m)) / S;
+    return m + (u < x ? 1 : 0);
+  }
+  int lo = 0, hi = S;
+  while (lo < hi) {
+    int mid = (lo + hi) >> 1;
+    if (__ldg(pos + mid) < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// ============================================================================ SANTA pass 2
+// Where the draws of one (tile, head) fall: draws [lo, hi) of the head land in the tile; a row's
+// CDF edge c (scanned weights exp(s - ref)) maps to the global position (base + c) * scale.
+struct TileDraws {
+  double base, scale, U;
+  float ref, fac;
+  int lo, hi;
+};
+
+// Copy the stash of the (tile, head) tasks of a round that draw into `buf` ((TPR x G) x TILE floats).
+__device__ __forceinline__ void issue_round_stash(float* buf, const float* stash, long long bh0, int stride, int len,
+                                                  int ta, int tb, int t0, const TileDraws* td, int G) {
+  const int ntasks = (tb - ta) * G;
+  for (int c = threadIdx.x; c < ntasks * (SANTA_TILE / 4); c += SANTA_THREADS) {
+    const int task = c / (SANTA_TILE / 4), r4 = (c % (SANTA_TILE / 4)) * 4;
+    const int t = ta + task / G, g = task % G;
+    const TileDraws& d = td[(t - t0) * G + g];
+    if (d.hi > d.lo && t * SANTA_TILE + r4 < len)
+      cp_async16(buf + task * SANTA_TILE + r4, stash + (bh0 + g) * stride + t * SANTA_TILE + r4, true);
+  }
+}
+
+// Gather rows list_pos[e0 .. e0 + R) of V (zero past n) into a shared-memory stage.
+template <typename T, int D>
+__device__ __forceinline__ void issue_gather(char* buf, const T* v, const Cache& cache, int b, int kvh,
+                                             const int* list_pos, int e0, int n) {
+  typedef Layout<T, D> L;
+#pragma unroll
+  for (int i = 0; i < L::CPT; ++i) {
+    const int c = threadIdx.x + i * SANTA_THREADS, r = c / L::NCH, ch = c % L::NCH;
+    const long long off = e0 + r < n ? cache.row(b, list_pos[e0 + r], kvh, D) : -1;
+    cp_async16(buf + r * L::ROW_STRIDE + ch * 16, off >= 0 ? (const void*)(v + off + ch * L::VEC) : (const void*)v,
+               off >= 0);
+  }
+}
+
+// acc += sum over the listed rows of list_w[e, g] * V[row]; rows stream through two stages.
+template <typename T, int D>
+__device__ void flush_rows(char* vstage, const T* v, const Cache& cache, int b, int kvh, const int* list_pos,
+                           const float* list_w, int n, int G, const Items<T, D>& it,
+                           float (&acc)[Layout<T, D>::IPT][Layout<T, D>::VEC]) {
+  typedef Layout<T, D> L;
+  const int nb = (n + L::R - 1) / L::R;
+  if (nb == 0) return;
+  issue_gather<T, D>(vstage, v, cache, b, kvh, list_pos, 0, n);
+  cp_async_commit();
+  for (int bi = 0; bi < nb; ++bi) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (bi + 1 < nb) issue_gather<T, D>(vstage + ((bi + 1) & 1) * L::STAGE_BYTES, v, cache, b, kvh, list_pos, (bi + 1) * L::R, n);
+    cp_async_commit();
+    const char* vb = vstage + (bi & 1) * L::STAGE_BYTES;
+    const int e0 = bi * L::R, rows = min(L::R, n - e0);
+    if (it.phase >= 0) {
+#pragma unroll
+      for (int j = 0; j < L::IPT; ++j) {
+        const int item = it.item(j);
+        if (item < it.items) {
+          const int g = item / L::NCH, ch = item % L::NCH;
+          for (int r = it.phase; r < rows; r += it.phases) {
+            const float w = list_w[(e0 + r) * G + g];
+            if (w == 0.f) continue;
+            float f[L::VEC];
+            Vec<T>::unpack(*reinterpret_cast<const uint4*>(vb + r * L::ROW_STRIDE + ch * 16), f);
+#pragma unroll
+            for (int i = 0; i < L::VEC; ++i) acc[j][i] = fmaf(w, f[i], acc[j][i]);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+}
+
+// Pass 2 works in rounds of TPR tiles: one warp per (tile, head) finds the draws per row (scan
+// of exp(s - ref) over the tile, closed-form draw counts at each row's CDF edges), the rows drawn
+// by any head are appended to a list, and the list's V rows are gathered in batches.
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
+    const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
+    const float* stash, const float* stat_m, const float* stat_l, int* counters,
+    int scheme, int S, const u64* keys, u64 key, int seq_per_batch,
+    const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
+    float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
+  typedef Layout<T, D> L;
+  extern __shared__ __align__(16) char smem_raw[];
+  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
+  const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int TPR = G >= 8 ? 1 : 8 / G, LCAP = max(512, TPR * SANTA_TILE);
+  float* sbuf = reinterpret_cast<float*>(smem_raw);             // 2 x (TPR x G) x TILE stash
+  int* cnt_sm = reinterpret_cast<int*>(sbuf + 2 * TPR * G * SANTA_TILE);   // (TPR x G) x TILE draws
+  int* list_pos = cnt_sm + TPR * G * SANTA_TILE;                 // LCAP drawn rows
+  float* list_w = reinterpret_cast<float*>(list_pos + LCAP);     // LCAP x G weights
+  char* vstage = reinterpret_cast<char*>(list_w + LCAP * G);     // 2 x STAGE_BYTES gathered V rows
+  TileDraws* td_sm = reinterpret_cast<TileDraws*>(vstage + 2 * L::STAGE_BYTES);   // tiles_per_split x G
+  __shared__ int wcount_sm[SANTA_THREADS / 32];
+  __shared__ int flag;
+  MAKE_CACHE;
+  if (offset_advance && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
+    atomicAdd(offset_advance, 1u);
+  const Stream st{keys, key, seq_per_batch, nullptr, 0u};
+  const u32 off = *plan_off;
+  const int len = clamp_len(kv_lens, b, capacity);
+  const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE;
+  const int t0 = min(tiles, split * tiles_per_split), t1 = min(tiles, t0 + tiles_per_split);
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  const int budget = tiles > 0 ? max(1, S / tiles) : 1;      // tile scheme: draws per tile
+
+  // Where the draws fall, for every (tile, head) of this split at once.
+  for (int i = threadIdx.x; i < (t1 - t0) * G; i += SANTA_THREADS) {
+    const int g = i % G, t = t0 + i / G, h = kvh * G + g;
+    const double Z = plan_Z[bh0 + g];
+    TileDraws d;
+    if (scheme == SCHEME_TILE) {
+      const float mt = stat_m[(bh0 + g) * tiles_max + t], lt = stat_l[(bh0 + g) * tiles_max + t];
+      const double W = mt == NEG_INF ? 0.0 : exp((double)mt - (double)plan_M[bh0 + g]) * (double)lt;
+      d.lo = 0; d.hi = mt == NEG_INF ? 0 : budget;
+      d.fac = Z > 0.0 ? (float)(W / (Z * budget)) : 0.f;
+      d.ref = mt; d.base = 0.0; d.scale = lt > 0.f ? 1.0 / lt : 0.0;
+      d.U = st.uniform(b, h, PURPOSE_VALUES, off, t);
+    } else {
+      const double* P = plan_P + (bh0 + g) * (tiles_max + 1);
+      const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
+      const double inv_z = Z > 0.0 ? 1.0 / Z : 0.0;
+      const double* pos = plan_pos + (bh0 + g) * S;
+      d.lo = draws_below(scheme, P[t] * inv_z, S, U, st, b, h, off, pos);
+      d.hi = t == tiles - 1 ? S : draws_below(scheme, P[t + 1] * inv_z, S, U, st, b, h, off, pos);
+      d.fac = 1.f / S;
+      d.ref = plan_M[bh0 + g]; d.base = P[t]; d.scale = inv_z; d.U = U;
+    }
+    td_sm[i] = d;
+  }
+  __syncthreads();
+
+  Items<T, D> it(G);
+  float acc[L::IPT][L::VEC];
+#pragma unroll
+  for (int j = 0; j < L::IPT; ++j)
+#pragma unroll
+    for (int i = 0; i < L::VEC; ++i) acc[j][i] = 0.f;
+
+  const int nrounds = (t1 - t0 + TPR - 1) / TPR;
+  if (nrounds > 0) issue_round_stash(sbuf, stash, bh0, stash_stride, len, t0, min(t1, t0 + TPR), t0, td_sm, G);
+  cp_async_commit();
+  int n_list = 0;
+  for (int rd = 0; rd < nrounds; ++rd) {
+    const int ta = t0 + rd * TPR, tb = min(t1, ta + TPR);
+    cp_async_wait<0>();
+    __syncthreads();
+    if (rd + 1 < nrounds)
+      issue_round_stash(sbuf + ((rd + 1) & 1) * TPR * G * SANTA_TILE, stash, bh0, stash_stride, len, tb,
+                        min(t1, tb + TPR), t0, td_sm, G);
+    cp_async_commit();
+    // one warp per (tile, head): draws per row
+    for (int task = warp; task < TPR * G; task += SANTA_THREADS / 32) {
+      const int t = ta + task / G, g = task % G;
+      int* cnt = cnt_sm + task * SANTA_TILE + lane * 8;
+      const TileDraws d = t < tb ? td_sm[(t - t0) * G + g] : TileDraws{0.0, 0.0, 0.0, NEG_INF, 0.f, 0, 0};
+      const int rows = t < tb ? min(SANTA_TILE, len - t * SANTA_TILE) : 0;
+      if (d.hi <= d.lo) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) cnt[i] = 0;
+        continue;
+      }
+      const float* sb = sbuf + ((rd & 1) * TPR * G + task) * SANTA_TILE + lane * 8;
+      float c[8], run = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = lane * 8 + i;
+        run += (r < rows && d.ref != NEG_INF) ? __expf(sb[i] - d.ref) : 0.f;
+        c[i] = run;
+      }
+      const float before = warp_inclusive_scan(run) - run;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) c[i] += before;
+      float prev = __shfl_up_sync(0xffffffffu, c[7], 1);
+      if (lane == 0) prev = 0.f;
+      // draws below a CDF edge x (scanned weight), clamped to the tile's draws
+      auto below = [&](float x) -> int {
+        if (scheme == SCHEME_TILE)
+          return (int)fmin(fmax(ceil((double)x * d.scale * budget - d.U), 0.0), (double)budget);
+        return min(d.hi, max(d.lo, draws_below(scheme, (d.base + x) * d.scale, S, d.U, st, b, kvh * G + g, off,
+                                                plan_pos + (bh0 + g) * S)));
+      };
+      int lower = lane == 0 ? d.lo : (lane * 8 < rows ? below(prev) : 0);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int r = lane * 8 + i;
+        int n = 0;
+        if (r < rows) {
+          const int upper = r == rows - 1 ? d.hi : below(c[i]);
+          n = max(0, upper - lower);
+          lower = upper;
+        }
+        cnt[i] = n;
+      }
+      if (counts_out)
+        for (int i = 0; i < 8; ++i)
+          if (lane * 8 + i < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + lane * 8 + i] = cnt[i];
+    }
+    __syncthreads();
+    // append the rows drawn by any head of the group to the list
+    for (int k = 0; k < tb - ta; ++k) {
+      const int r = threadIdx.x;
+      bool drawn = false;
+      for (int g = 0; g < G; ++g) drawn |= cnt_sm[(k * G + g) * SANTA_TILE + r] > 0;
+      const unsigned ballot = __ballot_sync(0xffffffffu, drawn);
+      if (lane == 0) wcount_sm[warp] = __popc(ballot);
+      __syncthreads();
+      int before = 0, E = 0;
+      for (int ww = 0; ww < SANTA_THREADS / 32; ++ww) { if (ww < warp) before += wcount_sm[ww]; E += wcount_sm[ww]; }
+      if (n_list + E > LCAP) {
+        flush_rows<T, D>(vstage, v, cache, b, kvh, list_pos, list_w, n_list, G, it, acc);
+        n_list = 0;
+      }
+      if (drawn) {
+        const int e = n_list + before + __popc(ballot & ((1u << lane) - 1u));
+        list_pos[e] = (ta + k) * SANTA_TILE + r;
+        for (int g = 0; g < G; ++g)
+          list_w[e * G + g] = (float)cnt_sm[(k * G + g) * SANTA_TILE + r] * td_sm[(ta + k - t0) * G + g].fac;
+      }
+      n_list += E;
+      __syncthreads();
+    }
+  }
+  cp_async_wait<0>();
+  flush_rows<T, D>(vstage, v, cache, b, kvh, list_pos, list_w, n_list, G, it, acc);
+
+  it.reduce(acc, reinterpret_cast<float*>(vstage));
+  if (it.phase == 0) {
+#pragma unroll
+    for (int j = 0; j < L::IPT; ++j) {
+      int item = it.item(j);
+      if (item < it.items) {
+        int g = item / L::NCH, ch = item % L::NCH;
+        float* dst = part_o + ((bh0 + g) * nsplit + split) * D + ch * L::VEC;
+#pragma unroll
+        for (int i = 0; i < L::VEC; ++i) dst[i] = acc[j][i];
+      }
+    }
+  }
+  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
+  for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
+    const int g = i / D, d = i % D;
+    out[(bh0 + g) * D + d] = from_float<T>(sum_splits(part_o + (bh0 + g) * nsplit * D + d, nsplit, D));
+  }
+  if (lse_out && threadIdx.x < G) {
+    const double Z = plan_Z[bh0 + threadIdx.x];
+    lse_out[bh0 + threadIdx.x] = Z > 0.0 ? (float)((double)plan_M[bh0 + threadIdx.x] + log(Z)) : NEG_INF;
+  }
+}

@@ -1,0 +1,6 @@
+"""santa_cupy: stochastic sparse decode attention (SANTA) for CuPy, with a float64 NumPy reference."""
+from .decode import bernoulli_scores, decode, decode_exact, sample, ternary_query
+from .reference import SCHEMES, TILE
+
+__version__ = "0.1.0"
+__all__ = ["decode", "decode_exact", "sample", "ternary_query", "bernoulli_scores", "SCHEMES", "TILE"]

@@ -1,0 +1,216 @@
+"""Launch the decode kernels on CuPy arrays: workspaces, split sizes, seeds, pointers."""
+import cupy
+import numpy
+
+from . import _kernels, rng
+from .reference import TILE
+
+THREADS = 256
+SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3}
+NULL = numpy.uint64(0)
+STAGE_DATA_BYTES = 8192    # kernels_cu: Layout (rows per stage hold 8 KB, each row padded by 16 B)
+EXACT_STAGES = 3           # kernels_cu: EXACT_STAGES
+SCORE_STAGES = 4           # kernels_cu: SCORE_STAGES
+TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
+MAX_TILES_PER_VALUE_BLOCK = 16
+
+_workspaces = {}
+_call_counters = {}
+
+
+class Workspace:
+    """Scratch buffers kept per (device, stream) and grown on demand.
+
+    The split-merge counters are zeroed once; each kernel leaves them at zero.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name, size, dtype, zero=False):
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < size or buf.dtype != dtype:
+            buf = (cupy.zeros if zero else cupy.empty)(max(size, 1), dtype=dtype)
+            self.buffers[name] = buf
+        return buf
+
+
+def _workspace():
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = Workspace()
+    return ws
+
+
+def _call_counter():
+    """Per-device call counter for seed=None; the SANTA kernels advance it on the device."""
+    dev = cupy.cuda.runtime.getDevice()
+    c = _call_counters.get(dev)
+    if c is None:
+        c = _call_counters[dev] = cupy.asarray(numpy.array([rng._next_offset()], dtype=numpy.uint32))
+    return c
+
+
+def _stage_bytes(dtype, dim):
+    row = dim * dtype.itemsize
+    return (STAGE_DATA_BYTES // row) * (row + 16)
+
+
+_smem_allowed = {}
+
+
+def _launch(name, dtype_name, dim, smem):
+    """The kernel, allowed ``smem`` bytes of dynamic shared memory (above 48 KB needs opting in)."""
+    k = _kernels.kernel(name, dtype_name, dim)
+    if smem > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
+        k.max_dynamic_shared_size_bytes = smem
+        _smem_allowed[id(k)] = smem
+    return k
+
+
+_resident = {}
+
+
+def _blocks_per_sm(kernel, smem):
+    """How many blocks of ``kernel`` with ``smem`` dynamic bytes fit on one multiprocessor."""
+    key = (id(kernel), smem)
+    n = _resident.get(key)
+    if n is None:
+        dev = cupy.cuda.Device().attributes
+        regs = -(-kernel.attributes["num_regs"] // 8) * 8
+        by_regs = dev["MaxRegistersPerMultiprocessor"] // (regs * THREADS)
+        by_smem = dev["MaxSharedMemoryPerMultiprocessor"] // (smem + kernel.attributes["shared_size_bytes"] + 1024)
+        n = _resident[key] = max(1, min(by_regs, by_smem, dev["MaxThreadsPerMultiProcessor"] // THREADS))
+    return n
+
+
+def _splits(tiles_max, pairs, kernel, smem, max_per=None):
+    """(splits, tiles per split): one full wave of resident blocks over the (batch, KV head) pairs."""
+    slots = cupy.cuda.Device().attributes["MultiProcessorCount"] * _blocks_per_sm(kernel, smem)
+    want = max(1, slots // pairs)
+    per = max(1, -(-tiles_max // want))
+    if max_per:
+        per = min(per, max_per)
+    return -(-tiles_max // per), per
+
+
+def _contiguous(name, x):
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous on the GPU path")
+    return x
+
+
+def _cache_args(k, kv_lens, page_table, geo):
+    lens = NULL if kv_lens is None else cupy.ascontiguousarray(kv_lens, dtype=cupy.int32)
+    if page_table is None:
+        pt, max_pages, num_pages = NULL, 1, 1
+    else:
+        pt = cupy.ascontiguousarray(page_table, dtype=cupy.int32)
+        max_pages, num_pages = page_table.shape[1], k.shape[0]
+    i32 = numpy.int32
+    return (lens, pt, i32(max_pages), i32(geo.page_size), i32(num_pages), i32(geo.capacity),
+            i32(geo.kv_heads), i32(geo.q_heads))
+
+
+def _seed_args(seed, batch):
+    """(keys pointer, key, seq_per_batch, offset pointer, offset, advance pointer)."""
+    if seed is None:
+        counter = _call_counter()
+        return NULL, numpy.uint64(rng.fresh_key()), numpy.int32(1), counter, numpy.uint32(0), counter
+    if isinstance(seed, cupy.ndarray):
+        if seed.shape != (batch,) or seed.dtype.kind not in "iu":
+            raise ValueError(f"seed array must be an integer array of shape ({batch},)")
+        keys = cupy.ascontiguousarray(seed).view(cupy.uint64) if seed.dtype.itemsize == 8 else seed.astype(cupy.uint64)
+        return keys, numpy.uint64(0), numpy.int32(0), NULL, numpy.uint32(0), NULL
+    plan = rng.resolve_seed(seed, batch)
+    if isinstance(seed, (int, numpy.integer)):
+        return NULL, numpy.uint64(int(seed)), numpy.int32(1), NULL, numpy.uint32(0), NULL
+    return cupy.asarray(plan.keys), numpy.uint64(0), numpy.int32(0), NULL, numpy.uint32(0), NULL
+
+
+def _outputs(q, out, return_lse, geo):
+    res = cupy.empty(q.shape, dtype=q.dtype) if out is None else out
+    lse = cupy.empty((geo.batch, geo.q_heads), dtype=cupy.float32) if return_lse else None
+    return res, lse
+
+
+def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
+    q = cupy.ascontiguousarray(q)
+    k, v = _contiguous("k", k), _contiguous("v", v)
+    dt, D = q.dtype.name, geo.dim
+    vec = 16 // q.dtype.itemsize
+    tiles_max = -(-geo.capacity // TILE)
+    pairs = geo.batch * geo.kv_heads
+    ws = _workspace()
+    rows = STAGE_DATA_BYTES // (D * q.dtype.itemsize)
+    smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D) + 32 * D
+            + 4 * (geo.group * D + max(geo.group * rows, THREADS * vec)))
+    kern = _launch("exact_decode", dt, D, smem)
+    nsplit, per = _splits(tiles_max, pairs, kern, smem)
+    part_o = ws.get("part_o", geo.batch * geo.q_heads * nsplit * D, cupy.float32)
+    part_ml = ws.get("part_ml", geo.batch * geo.q_heads * nsplit * 2, cupy.float32)
+    counters = ws.get("exact_counters", pairs, cupy.int32, zero=True)
+    res, lse = _outputs(q, out, return_lse, geo)
+    kern(
+        (nsplit, geo.kv_heads, geo.batch), (THREADS,),
+        (q, k, v, *_cache_args(k, kv_lens, page_table, geo), numpy.float32(scale), numpy.int32(per),
+         part_o, part_ml, counters, res, NULL if lse is None else lse),
+        shared_mem=smem)
+    return res, lse
+
+
+def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts):
+    q = cupy.ascontiguousarray(q)
+    k, v = _contiguous("k", k), _contiguous("v", v)
+    dt, D = q.dtype.name, geo.dim
+    vec = 16 // q.dtype.itemsize
+    B, H, G = geo.batch, geo.q_heads, geo.group
+    tiles_max = -(-geo.capacity // TILE)
+    pairs = B * geo.kv_heads
+    ws = _workspace()
+    stride = tiles_max * TILE
+    stash = ws.get("stash", B * H * stride, cupy.float32)
+    stat_m = ws.get("stat_m", B * H * tiles_max, cupy.float32)
+    stat_l = ws.get("stat_l", B * H * tiles_max, cupy.float32)
+    plan_M = ws.get("plan_M", B * H, cupy.float32)
+    plan_Z = ws.get("plan_Z", B * H, cupy.float64)
+    plan_P = ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64)
+    plan_pos = ws.get("plan_pos", B * H * samples if scheme == "iid" else 1, cupy.float64)
+    plan_off = ws.get("plan_off", 1, cupy.uint32)
+    counters = ws.get("santa_counters", 2 * pairs, cupy.int32, zero=True)
+    keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
+    cache = _cache_args(k, kv_lens, page_table, geo)
+    code = numpy.int32(SCHEME_CODES[scheme])
+    S = numpy.int32(samples)
+
+    n_pow2 = 1 << max(0, (samples - 1).bit_length())
+    smem1 = max(SCORE_STAGES * _stage_bytes(q.dtype, D) + 32 * D + 4 * G * (D + TILE),
+                8 * n_pow2 if scheme == "iid" else 0)
+    kern1 = _launch("santa_scores", dt, D, smem1)
+    n1, per1 = _splits(tiles_max, pairs, kern1, smem1)
+    kern1(
+        (n1, geo.kv_heads, B), (THREADS,),
+        (q, k, *cache, numpy.float32(scale), numpy.int32(per1), numpy.int32(tiles_max), numpy.int32(stride),
+         stash, stat_m, stat_l, counters[:pairs], code, S, keys, key, seq_per_batch, off_ptr, off,
+         plan_M, plan_Z, plan_P, plan_pos, plan_off),
+        shared_mem=smem1)
+
+    per_max = MAX_TILES_PER_VALUE_BLOCK
+    tpr = 1 if G >= 8 else 8 // G               # kernels_cu: tiles per round of santa_values
+    lcap = max(512, tpr * TILE)
+    smem2 = (4 * (3 * tpr * G * TILE + lcap * (1 + G)) + 2 * _stage_bytes(q.dtype, D)
+             + TILE_DRAWS_BYTES * G * per_max)
+    kern2 = _launch("santa_values", dt, D, smem2)
+    n2, per2 = _splits(tiles_max, pairs, kern2, smem2, per_max)
+    part_o = ws.get("part_o", B * H * n2 * D, cupy.float32)
+    res, lse = _outputs(q, out, return_lse, geo)
+    counts = cupy.zeros((B, H, geo.capacity), dtype=cupy.int32) if return_counts else None
+    kern2(
+        (n2, geo.kv_heads, B), (THREADS,),
+        (v, *cache, numpy.int32(per2), numpy.int32(tiles_max), numpy.int32(stride), stash, stat_m, stat_l,
+         counters[pairs:],
+         code, S, keys, key, seq_per_batch, plan_M, plan_Z, plan_P, plan_pos, plan_off,
+         part_o, res, NULL if lse is None else lse, NULL if counts is None else counts, advance),
+        shared_mem=smem2)
+    return res, lse, counts
