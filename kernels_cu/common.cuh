@@ -83,10 +83,6 @@ template <typename T, int D> struct Layout {
   static_assert(R % RPP == 0 && SANTA_TILE % R == 0, "stage rows");
 };
 
-__device__ __forceinline__ uint4 load16(const void* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
 // Asynchronous 16-byte global->shared copy; `valid == false` writes zeros and reads nothing.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   unsigned s = (unsigned)__cvta_generic_to_shared(smem);

@@ -150,7 +150,22 @@ template <typename T, int D> struct Items {
     int it = items >= SANTA_THREADS ? threadIdx.x + j * SANTA_THREADS : (j == 0 ? threadIdx.x % items : items);
     return phase < 0 ? items : it;
   }
-  // Sum the phases' accumulators into red_sm[item * VEC + i] (threads of phase 0 hold the sums).
+  // Sum the phases' accumulators (through red_sm) and write item (g, chunk) to
+  // dst[g * head_stride + chunk * VEC ...].
+  __device__ void store(float (&acc)[L::IPT][L::VEC], float* red_sm, float* dst, long long head_stride) const {
+    reduce(acc, red_sm);
+    if (phase != 0) return;
+#pragma unroll
+    for (int j = 0; j < L::IPT; ++j) {
+      const int it = item(j);
+      if (it < items) {
+        float* o = dst + (it / L::NCH) * head_stride + (it % L::NCH) * L::VEC;
+#pragma unroll
+        for (int i = 0; i < L::VEC; ++i) o[i] = acc[j][i];
+      }
+    }
+  }
+  // Sum the phases' accumulators into the threads of phase 0.
   __device__ void reduce(float (&acc)[L::IPT][L::VEC], float* red_sm) const {
     if (phases > 1) {
       __syncthreads();
@@ -253,11 +268,12 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
     __syncthreads();
     for (int g = warp; g < G; g += SANTA_THREADS / 32) {   // online softmax, one warp per head
       float* pg = p_sm + g * L::R;
+      const float mold = m_run[g], lold = l_run[g];
       float mt = NEG_INF;
       for (int r = lane; r < L::R; r += 32) mt = fmaxf(mt, pg[r]);
       mt = warp_max(mt);
-      const float mnew = fmaxf(m_run[g], mt);
-      const float a = mnew == NEG_INF ? 1.f : __expf(m_run[g] - mnew);
+      const float mnew = fmaxf(mold, mt);
+      const float a = mnew == NEG_INF ? 1.f : __expf(mold - mnew);
       float sum = 0.f;
       for (int r = lane; r < L::R; r += 32) {
         const float p = mnew == NEG_INF ? 0.f : __expf(pg[r] - mnew);
@@ -265,7 +281,8 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
         sum += p;
       }
       sum = warp_sum(sum);
-      if (lane == 0) { l_run[g] = l_run[g] * a + sum; m_run[g] = mnew; alpha[g] = a; }
+      __syncwarp();                            // every lane has read m_run and l_run
+      if (lane == 0) { l_run[g] = lold * a + sum; m_run[g] = mnew; alpha[g] = a; }
     }
     __syncthreads();
     const char* vb = vbuf + cur * L::STAGE_BYTES;
@@ -324,19 +341,7 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
       }
     }
   } else {
-    it.reduce(acc, p_sm);
-  }
-  if (!MMA && it.phase == 0) {
-#pragma unroll
-    for (int j = 0; j < L::IPT; ++j) {
-      int item = it.item(j);
-      if (item < it.items) {
-        int g = item / L::NCH, ch = item % L::NCH;
-        float* dst = part_o + ((bh0 + g) * nsplit + split) * D + ch * L::VEC;
-#pragma unroll
-        for (int i = 0; i < L::VEC; ++i) dst[i] = acc[j][i];
-      }
-    }
+    it.store(acc, p_sm, part_o + (bh0 * nsplit + split) * D, (long long)nsplit * D);
   }
   if (threadIdx.x < G) {
     part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2] = m_run[threadIdx.x];
@@ -746,19 +751,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
   cp_async_wait<0>();
   flush_rows<T, D>(vstage, v, cache, b, kvh, list_pos, list_w, n_list, G, it, acc);
 
-  it.reduce(acc, reinterpret_cast<float*>(vstage));
-  if (it.phase == 0) {
-#pragma unroll
-    for (int j = 0; j < L::IPT; ++j) {
-      int item = it.item(j);
-      if (item < it.items) {
-        int g = item / L::NCH, ch = item % L::NCH;
-        float* dst = part_o + ((bh0 + g) * nsplit + split) * D + ch * L::VEC;
-#pragma unroll
-        for (int i = 0; i < L::VEC; ++i) dst[i] = acc[j][i];
-      }
-    }
-  }
+  it.store(acc, reinterpret_cast<float*>(vstage), part_o + (bh0 * nsplit + split) * D, (long long)nsplit * D);
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
     const int g = i / D, d = i % D;
