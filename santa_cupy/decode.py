@@ -31,6 +31,15 @@ def _import_inputs(**arrays):
     return converted, lambda x: back(x) if hasattr(x, "__dlpack__") else x
 
 
+def _decode_inputs(q, k, v, kv_lens, page_table, out):
+    """Arrays (DLPack tensors brought in), their :class:`Geometry`, their kind, and the function
+    that hands results back in the caller's kind."""
+    arrays, back = _import_inputs(q=q, k=k, v=v, kv_lens=kv_lens, page_table=page_table, out=out)
+    arrays = tuple(arrays[n] for n in ("q", "k", "v", "kv_lens", "page_table", "out"))
+    geo = _checks.geometry(*arrays[:5])
+    return arrays, geo, _checks.array_kind("q", arrays[0]), back
+
+
 def _returns(out, lse, extra, back):
     results = [back(out)]
     if lse is not None:
@@ -127,10 +136,7 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     lse : float32 array (batch, q_heads), if ``return_lse``
     counts : int32 array (batch, q_heads, capacity), if ``return_counts``
     """
-    arrays, back = _import_inputs(q=q, k=k, v=v, kv_lens=kv_lens, page_table=page_table, out=out)
-    q, k, v, kv_lens, page_table, out = (arrays[n] for n in ("q", "k", "v", "kv_lens", "page_table", "out"))
-    geo = _checks.geometry(q, k, v, kv_lens, page_table)
-    kind = _checks.array_kind("q", q)
+    (q, k, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(q, k, v, kv_lens, page_table, out)
     _checks.scheme_name("scheme", scheme)
     _key_args(key_draws, key_scheme, key_group)
     gpu = _uses_kernels(kind, q, geo, key_draws)
@@ -173,10 +179,7 @@ def decode_exact(q, k, v, kv_lens=None, page_table=None, scale=None, out=None, r
     out : array (batch, q_heads, head_dim), dtype of ``q``
     lse : float32 array (batch, q_heads), if ``return_lse``
     """
-    arrays, back = _import_inputs(q=q, k=k, v=v, kv_lens=kv_lens, page_table=page_table, out=out)
-    q, k, v, kv_lens, page_table, out = (arrays[n] for n in ("q", "k", "v", "kv_lens", "page_table", "out"))
-    geo = _checks.geometry(q, k, v, kv_lens, page_table)
-    kind = _checks.array_kind("q", q)
+    (q, k, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(q, k, v, kv_lens, page_table, out)
     _key_args(key_draws, key_scheme, key_group)
     scale = _checks.scale_value(scale, geo.dim)
     _checks.output(out, q.shape, q.dtype, kind)
