@@ -1,0 +1,59 @@
+"""Feature-major key caches: conversion both ways and appends, contiguous and paged."""
+import numpy
+import pytest
+
+import santa_cupy as sc
+
+
+def _cache(shape, seed=0):
+    return numpy.random.default_rng(seed).standard_normal(shape).astype(numpy.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 4, 64), (5, 16, 2, 128)])     # contiguous, paged
+def test_round_trip_and_feature_rows_contiguous(shape):
+    k = _cache(shape)
+    kf = sc.to_feature_major(k)
+    assert kf.shape == (shape[0], shape[2], shape[3], shape[1]) and kf.flags.c_contiguous
+    assert kf.strides[-1] == k.itemsize                     # one feature of many tokens: one run
+    numpy.testing.assert_array_equal(kf[1, 1, 3], k[1, :, 1, 3])
+    numpy.testing.assert_array_equal(sc.from_feature_major(kf), k)
+
+
+def test_append_contiguous_matches_standard_layout():
+    k = _cache((3, 10, 2, 64))
+    new = _cache((3, 2, 64), seed=1)
+    pos = numpy.array([0, 9, 4])
+    kf = sc.to_feature_major(k)
+    assert sc.append_feature_major(kf, new, pos) is kf
+    k[numpy.arange(3), pos] = new
+    numpy.testing.assert_array_equal(kf, sc.to_feature_major(k))
+
+
+def test_append_paged_matches_standard_layout():
+    pages = _cache((7, 4, 2, 64))
+    table = numpy.array([[6, 2, 0], [1, 5, 3]], dtype=numpy.int32)
+    new = _cache((2, 2, 64), seed=2)
+    pos = numpy.array([9, 3])                                # pages table[0, 2] and table[1, 0]
+    kf = sc.to_feature_major(pages)
+    sc.append_feature_major(kf, new, pos, page_table=table)
+    pages[table[[0, 1], pos // 4], pos % 4] = new
+    numpy.testing.assert_array_equal(kf, sc.to_feature_major(pages))
+
+
+def test_append_bad_input_names_argument():
+    kf = sc.to_feature_major(_cache((2, 8, 2, 64)))
+    new = _cache((2, 2, 64))
+    with pytest.raises(ValueError, match="positions"):
+        sc.append_feature_major(kf, new, numpy.array([0, 8]))
+    with pytest.raises(ValueError, match="positions"):
+        sc.append_feature_major(kf, new, numpy.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="k_new"):
+        sc.append_feature_major(kf, new[:, :1], numpy.array([0, 1]))
+    with pytest.raises(TypeError, match="k_new"):
+        sc.append_feature_major(kf, new.astype(numpy.float16), numpy.array([0, 1]))
+    with pytest.raises(ValueError, match="page_table"):
+        sc.append_feature_major(kf, new, numpy.array([0, 1]), page_table=numpy.array([[0], [9]]))
+    with pytest.raises(ValueError, match="k must be a 4-D"):
+        sc.to_feature_major(new)
+    with pytest.raises(TypeError, match="positions must be a numpy or cupy array"):
+        sc.append_feature_major(kf, new, [0, 1])
