@@ -164,7 +164,6 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     q = cupy.ascontiguousarray(q)
     k, v = _contiguous("k", k), _contiguous("v", v)
     dt, D = q.dtype.name, geo.dim
-    vec = 16 // q.dtype.itemsize
     B, H, G = geo.batch, geo.q_heads, geo.group
     tiles_max = -(-geo.capacity // TILE)
     pairs = B * geo.kv_heads

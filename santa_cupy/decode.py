@@ -233,7 +233,7 @@ def sample(p, samples, scheme="systematic", seed=None, *, logits=False, lengths=
         ``sum_m weights[m] * V[indices[m]]`` is the unbiased estimate of ``sum_j p_j V_j``.
         ``1/S`` for the global schemes; ``tile_mass / budget`` for ``tile`` (0 for padding).
     """
-    kind = _checks.array_kind("p", p)
+    _checks.array_kind("p", p)
     xp = reference.get_array_module(p)
     _checks.scheme_name("scheme", scheme)
     samples = _checks.positive_int("samples", samples)

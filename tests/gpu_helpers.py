@@ -1,8 +1,7 @@
 """Inputs and reference comparisons shared by the GPU tests."""
 import numpy
 
-import santa_cupy as sc
-from santa_cupy import reference, rng
+from santa_cupy import reference
 
 try:
     import ml_dtypes
