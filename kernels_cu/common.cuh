@@ -10,6 +10,16 @@ typedef unsigned int u32;
 #define SANTA_GMAX 16
 #define NEG_INF (-__int_as_float(0x7f800000))
 
+// scheme codes (santa_cupy/_gpu.py: SCHEME_CODES) and random-stream purposes (santa_cupy/rng.py)
+#define SCHEME_IID 0
+#define SCHEME_STRATIFIED 1
+#define SCHEME_SYSTEMATIC 2
+#define SCHEME_TILE 3
+#define SCHEME_DENSE 4          // exact p V over the stash: every row weighs its probability
+#define PURPOSE_VALUES 0
+#define PURPOSE_KEYS 1
+#define PURPOSE_GROUP_KEYS 2
+
 // 16-bit storage types; arithmetic is always float.
 struct bf16_t { unsigned short x; };
 struct f16_t { unsigned short x; };
@@ -107,6 +117,18 @@ struct Cache {
     }
     return (r * kv_heads + kvh) * D;
   }
+  // Feature-major cache ((batch, kv_heads, D, capacity) or (num_pages, kv_heads, D, page_size)):
+  // element offset of (b, pos, kvh, feature 0), or -1 where the page index is out of range.
+  // Feature f lies fm_width() elements further.
+  __device__ __forceinline__ long long fm_row(int b, int pos, int kvh, int D) const {
+    if (page_table) {
+      int page = page_table[(long long)b * max_pages + pos / page_size];
+      if (page < 0 || page >= num_pages) return -1;
+      return ((long long)page * kv_heads + kvh) * D * page_size + pos % page_size;
+    }
+    return ((long long)b * kv_heads + kvh) * D * capacity + pos;
+  }
+  __device__ __forceinline__ long long fm_width() const { return page_table ? page_size : capacity; }
 };
 
 __device__ __forceinline__ int clamp_len(const int* kv_lens, int b, int capacity) {
@@ -134,13 +156,19 @@ struct Stream {
   int seq_per_batch;   // 1: counter word 2 holds the batch index; 0: it holds 0
   const u32* offset_ptr;  // device call counter (seed=None), or null: `offset`
   u32 offset;
-  __device__ __forceinline__ double uniform(int b, int head, int purpose, u32 off, long long index) const {
+  // The Philox output holding doubles 2 pair and 2 pair + 1 of a stream.
+  __device__ __forceinline__ uint4 words(int b, int head, int purpose, u32 off, long long pair) const {
     u64 k = keys ? keys[b] : key;
     u32 seq = seq_per_batch ? (u32)b : 0u;
-    uint4 c = make_uint4((u32)(index >> 1), (u32)head, (seq & 0xFFFFFFu) | ((u32)purpose << 24), off);
-    uint4 w = philox(c, (u32)k, (u32)(k >> 32));
-    u32 a = (index & 1) ? w.z : w.x, bb = (index & 1) ? w.w : w.y;
+    uint4 c = make_uint4((u32)pair, (u32)head, (seq & 0xFFFFFFu) | ((u32)purpose << 24), off);
+    return philox(c, (u32)k, (u32)(k >> 32));
+  }
+  __device__ __forceinline__ static double to_double(uint4 w, bool second) {
+    u32 a = second ? w.z : w.x, bb = second ? w.w : w.y;
     return ((double)(a >> 5) * 67108864.0 + (double)(bb >> 6)) * (1.0 / 9007199254740992.0);
+  }
+  __device__ __forceinline__ double uniform(int b, int head, int purpose, u32 off, long long index) const {
+    return to_double(words(b, head, purpose, off, index >> 1), index & 1);
   }
   __device__ __forceinline__ u32 call_offset() const { return offset_ptr ? *offset_ptr : offset; }
 };

@@ -12,12 +12,7 @@
 //
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
-
-#define SCHEME_IID 0
-#define SCHEME_STRATIFIED 1
-#define SCHEME_SYSTEMATIC 2
-#define SCHEME_TILE 3
-#define PURPOSE_VALUES 0
+#include "plan.cuh"
 
 // q (batch, q_heads, D) of one query group, times scale, into shared memory.
 template <typename T, int D>
@@ -453,50 +448,8 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
 
-  // Plan, per head: global max M, total mass Z and exclusive tile offsets P_t (double, fixed order).
-  const u32 off = Stream{keys, key, seq_per_batch, offset_ptr, offset}.call_offset();
-  if (threadIdx.x == 0) *plan_off = off;
-  for (int g = warp; g < G; g += SANTA_THREADS / 32) {
-    const float* m = stat_m + (bh0 + g) * tiles_max;
-    const float* l = stat_l + (bh0 + g) * tiles_max;
-    double* P = plan_P + (bh0 + g) * (tiles_max + 1);
-    float mx = NEG_INF;
-    for (int t = lane; t < tiles; t += 32) mx = fmaxf(mx, __ldcg(m + t));
-    mx = warp_max(mx);
-    double carry = 0.0;
-    for (int base = 0; base < tiles; base += 32) {
-      int t = base + lane;
-      double w = (t < tiles && mx != NEG_INF) ? exp((double)__ldcg(m + t) - (double)mx) * (double)__ldcg(l + t) : 0.0;
-      double incl = warp_inclusive_scan(w);
-      if (t < tiles) P[t] = carry + (incl - w);
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) { P[tiles] = carry; plan_Z[bh0 + g] = carry; plan_M[bh0 + g] = mx; }
-  }
-  if (scheme != SCHEME_IID) return;
-  // iid: the S draw positions of each head, sorted (bitonic sort in shared memory).
-  double* u_sm = reinterpret_cast<double*>(smem_raw);
-  int N = 1;
-  while (N < S) N <<= 1;
-  Stream st{keys, key, seq_per_batch, offset_ptr, offset};
-  for (int g = 0; g < G; ++g) {
-    const int h = kvh * G + g;
-    __syncthreads();
-    for (int i = threadIdx.x; i < N; i += SANTA_THREADS) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
-    __syncthreads();
-    for (int kk = 2; kk <= N; kk <<= 1)
-      for (int j = kk >> 1; j > 0; j >>= 1) {
-        for (int i = threadIdx.x; i < N; i += SANTA_THREADS) {
-          int ixj = i ^ j;
-          if (ixj > i) {
-            double x = u_sm[i], y = u_sm[ixj];
-            if ((x > y) == ((i & kk) == 0)) { u_sm[i] = y; u_sm[ixj] = x; }
-          }
-        }
-        __syncthreads();
-      }
-    for (int i = threadIdx.x; i < S; i += SANTA_THREADS) plan_pos[(bh0 + g) * S + i] = u_sm[i];
-  }
+  build_plan(b, kvh, bh0, G, tiles, tiles_max, stat_m, stat_l, scheme, S,
+             Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
 }
 
 // Number of global draw positions below x (scheme iid, stratified or systematic).
@@ -530,6 +483,11 @@ struct TileDraws {
   float ref, fac;
   int lo, hi;
 };
+
+// Weight of a row in the estimate: its draws times the draw weight, or (dense) its probability.
+__device__ __forceinline__ float row_weight(int scheme, int cnt, float fac) {
+  return scheme == SCHEME_DENSE ? __int_as_float(cnt) : (float)cnt * fac;
+}
 
 // Copy the stash of the (tile, head) tasks of a round that draw into `buf` ((TPR x G) x TILE floats).
 __device__ __forceinline__ void issue_round_stash(float* buf, const float* stash, long long bh0, int stride, int len,
@@ -643,6 +601,10 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
       d.fac = Z > 0.0 ? (float)(W / (Z * budget)) : 0.f;
       d.ref = mt; d.base = 0.0; d.scale = lt > 0.f ? 1.0 / lt : 0.0;
       d.U = st.uniform(b, h, PURPOSE_VALUES, off, t);
+    } else if (scheme == SCHEME_DENSE) {
+      const float mt = stat_m[(bh0 + g) * tiles_max + t];
+      d.lo = 0; d.hi = mt == NEG_INF || !(Z > 0.0) ? 0 : 1;
+      d.fac = 1.f; d.ref = plan_M[bh0 + g]; d.base = 0.0; d.scale = Z > 0.0 ? 1.0 / Z : 0.0; d.U = 0.0;
     } else {
       const double* P = plan_P + (bh0 + g) * (tiles_max + 1);
       const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
@@ -688,6 +650,12 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
         continue;
       }
       const float* sb = sbuf + ((rd & 1) * TPR * G + task) * SANTA_TILE + lane * 8;
+      if (scheme == SCHEME_DENSE) {            // the row's probability, as the bits of a float
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          cnt[i] = __float_as_int(lane * 8 + i < rows ? __expf(sb[i] - d.ref) * (float)d.scale : 0.f);
+        continue;
+      }
       float c[8], run = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -742,7 +710,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
         const int e = n_list + before + __popc(ballot & ((1u << lane) - 1u));
         list_pos[e] = (ta + k) * SANTA_TILE + r;
         for (int g = 0; g < G; ++g)
-          list_w[e * G + g] = (float)cnt_sm[(k * G + g) * SANTA_TILE + r] * td_sm[(ta + k - t0) * G + g].fac;
+          list_w[e * G + g] = row_weight(scheme, cnt_sm[(k * G + g) * SANTA_TILE + r], td_sm[(ta + k - t0) * G + g].fac);
       }
       n_list += E;
       __syncthreads();

@@ -6,11 +6,13 @@ from . import _kernels, rng
 from .reference import TILE
 
 THREADS = 256
-SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3}
+SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3, "dense": 4}
+KEY_GROUP_CODES = {"mean": 0, "head": 1}   # kernels_cu: KEY_GROUP_*
 NULL = numpy.uint64(0)
 STAGE_DATA_BYTES = 8192    # kernels_cu: Layout (rows per stage hold 8 KB, each row padded by 16 B)
 EXACT_STAGES = 3           # kernels_cu: EXACT_STAGES
 SCORE_STAGES = 4           # kernels_cu: SCORE_STAGES
+KEY_STAGES = 4             # kernels_cu: KEY_STAGES
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
 
@@ -61,9 +63,10 @@ _smem_allowed = {}
 
 
 def _launch(name, dtype_name, dim, smem):
-    """The kernel, allowed ``smem`` bytes of dynamic shared memory (above 48 KB needs opting in)."""
+    """The kernel, allowed ``smem`` bytes of dynamic shared memory (static plus dynamic above
+    48 KB needs opting in)."""
     k = _kernels.kernel(name, dtype_name, dim)
-    if smem > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
+    if smem + k.attributes["shared_size_bytes"] > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
         k.max_dynamic_shared_size_bytes = smem
         _smem_allowed[id(k)] = smem
     return k
@@ -160,52 +163,86 @@ def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
     return res, lse
 
 
-def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts):
+def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
+    """Prepare SANTA pass 1: ``santa_scores`` on a standard cache, ``key_scores`` on a feature-major
+    one (``key_draws``: None for a standard cache, else ``(draws, stratified, group code)``, draws 0
+    for exact scores). Returns the launch and the buffers pass 2 reads."""
+    dt, D = q.dtype.name, geo.dim
+    B, H, G = geo.batch, geo.q_heads, geo.group
+    tiles_max = -(-geo.capacity // TILE)
+    ws = _workspace()
+    stride = tiles_max * TILE
+    buf = dict(
+        tiles_max=numpy.int32(tiles_max), stride=numpy.int32(stride),
+        stash=ws.get("stash", B * H * stride, cupy.float32),
+        stat_m=ws.get("stat_m", B * H * tiles_max, cupy.float32),
+        stat_l=ws.get("stat_l", B * H * tiles_max, cupy.float32),
+        plan_M=ws.get("plan_M", B * H, cupy.float32),
+        plan_Z=ws.get("plan_Z", B * H, cupy.float64),
+        plan_P=ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64),
+        plan_pos=ws.get("plan_pos", B * H * samples if scheme == "iid" else 1, cupy.float64),
+        plan_off=ws.get("plan_off", 1, cupy.uint32))
+    counters = ws.get("santa_counters", 2 * B * geo.kv_heads, cupy.int32, zero=True)
+    keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
+    n_pow2 = 1 << max(0, (samples - 1).bit_length())
+    sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
+    if key_draws is None:
+        smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D) + 32 * D + 4 * G * (D + TILE), sort_bytes)
+        kern, extra = _launch("santa_scores", dt, D, smem), ()
+    else:
+        rows = STAGE_DATA_BYTES // (TILE * q.dtype.itemsize)      # kernels_cu: key_scores stage layout
+        smem = max(KEY_STAGES * (STAGE_DATA_BYTES + 16 * rows) + 64 * D + D * (16 + 4 * G), sort_bytes)
+        kern, extra = _launch("key_scores", dt, D, smem), tuple(numpy.int32(x) for x in key_draws)
+    n1, per1 = _splits(tiles_max, B * geo.kv_heads, kern, smem)
+    args = (q, k, *cache, numpy.float32(scale), numpy.int32(per1), buf["tiles_max"], buf["stride"],
+            buf["stash"], buf["stat_m"], buf["stat_l"], counters[:B * geo.kv_heads],
+            numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), keys, key, seq_per_batch, off_ptr, off,
+            buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"], *extra)
+    buf.update(counters=counters[B * geo.kv_heads:], advance=advance, seed=(keys, key, seq_per_batch))
+    return (lambda: kern((n1, geo.kv_heads, B), (THREADS,), args, shared_mem=smem)), buf
+
+
+def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts,
+           key_draws=None):
+    """SANTA decode (``scheme='dense'``: exact p V over the same scores) in two launches.
+    ``key_draws``: see :func:`_score_pass`."""
     q = cupy.ascontiguousarray(q)
     k, v = _contiguous("k", k), _contiguous("v", v)
     dt, D = q.dtype.name, geo.dim
     B, H, G = geo.batch, geo.q_heads, geo.group
-    tiles_max = -(-geo.capacity // TILE)
-    pairs = B * geo.kv_heads
-    ws = _workspace()
-    stride = tiles_max * TILE
-    stash = ws.get("stash", B * H * stride, cupy.float32)
-    stat_m = ws.get("stat_m", B * H * tiles_max, cupy.float32)
-    stat_l = ws.get("stat_l", B * H * tiles_max, cupy.float32)
-    plan_M = ws.get("plan_M", B * H, cupy.float32)
-    plan_Z = ws.get("plan_Z", B * H, cupy.float64)
-    plan_P = ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64)
-    plan_pos = ws.get("plan_pos", B * H * samples if scheme == "iid" else 1, cupy.float64)
-    plan_off = ws.get("plan_off", 1, cupy.uint32)
-    counters = ws.get("santa_counters", 2 * pairs, cupy.int32, zero=True)
-    keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
     cache = _cache_args(k, kv_lens, page_table, geo)
-    code = numpy.int32(SCHEME_CODES[scheme])
-    S = numpy.int32(samples)
-
     # everything is prepared before the first launch, so the two kernels run back to back
-    n_pow2 = 1 << max(0, (samples - 1).bit_length())
-    smem1 = max(SCORE_STAGES * _stage_bytes(q.dtype, D) + 32 * D + 4 * G * (D + TILE),
-                8 * n_pow2 if scheme == "iid" else 0)
-    kern1 = _launch("santa_scores", dt, D, smem1)
-    n1, per1 = _splits(tiles_max, pairs, kern1, smem1)
+    launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws)
     per_max = MAX_TILES_PER_VALUE_BLOCK
     tpr = 1 if G >= 8 else 8 // G               # kernels_cu: tiles per round of santa_values
     lcap = max(512, tpr * TILE)
     smem2 = (4 * (3 * tpr * G * TILE + lcap * (1 + G)) + 2 * _stage_bytes(q.dtype, D)
              + TILE_DRAWS_BYTES * G * per_max)
     kern2 = _launch("santa_values", dt, D, smem2)
-    n2, per2 = _splits(tiles_max, pairs, kern2, smem2, per_max)
-    part_o = ws.get("part_o", B * H * n2 * D, cupy.float32)
+    n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, per_max)
+    part_o = _workspace().get("part_o", B * H * n2 * D, cupy.float32)
     res, lse = _outputs(q, out, return_lse, geo)
     counts = cupy.zeros((B, H, geo.capacity), dtype=cupy.int32) if return_counts else None
-    i32 = numpy.int32
-    args1 = (q, k, *cache, numpy.float32(scale), i32(per1), i32(tiles_max), i32(stride),
-             stash, stat_m, stat_l, counters[:pairs], code, S, keys, key, seq_per_batch, off_ptr, off,
-             plan_M, plan_Z, plan_P, plan_pos, plan_off)
-    args2 = (v, *cache, i32(per2), i32(tiles_max), i32(stride), stash, stat_m, stat_l, counters[pairs:],
-             code, S, keys, key, seq_per_batch, plan_M, plan_Z, plan_P, plan_pos, plan_off,
-             part_o, res, NULL if lse is None else lse, NULL if counts is None else counts, advance)
-    kern1((n1, geo.kv_heads, B), (THREADS,), args1, shared_mem=smem1)
+    args2 = (v, *cache, numpy.int32(per2), buf["tiles_max"], buf["stride"], buf["stash"], buf["stat_m"],
+             buf["stat_l"], buf["counters"], numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), *buf["seed"],
+             buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"],
+             part_o, res, NULL if lse is None else lse, NULL if counts is None else counts, buf["advance"])
+    launch1()
     kern2((n2, geo.kv_heads, B), (THREADS,), args2, shared_mem=smem2)
     return res, lse, counts
+
+
+def key_scores(q, k, kv_lens, page_table, geo, scale, seed, key_draws):
+    """Scores of a feature-major cache from ternary queries (pass 1 alone), float32
+    (batch, q_heads, n_max) with ``-inf`` past ``kv_lens``."""
+    q = cupy.ascontiguousarray(q)
+    k = _contiguous("k", k)
+    launch, buf = _score_pass(q, k, _cache_args(k, kv_lens, page_table, geo), geo, scale, 1, "systematic", seed,
+                              key_draws)
+    launch()
+    if not isinstance(buf["advance"], numpy.uint64):
+        buf["advance"] += 1                     # seed=None: the next call draws afresh
+    n_max = geo.capacity if kv_lens is None else int(kv_lens.max())
+    s = buf["stash"][:geo.batch * geo.q_heads * int(buf["stride"])].reshape(geo.batch, geo.q_heads, -1)[..., :n_max]
+    lens = cupy.full(geo.batch, geo.capacity, cupy.int32) if kv_lens is None else kv_lens
+    return cupy.where(cupy.arange(n_max)[None, None, :] < lens[:, None, None], s, -cupy.inf)

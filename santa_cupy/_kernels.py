@@ -1,20 +1,29 @@
 """Load the CUDA sources of ``kernels_cu`` and build them with NVRTC, once per device."""
 import functools
 import importlib.resources
+import re
 
 DTYPE_TAGS = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 HEAD_DIMS = (64, 128, 256)
-KERNELS = ("exact_decode", "santa_scores", "santa_values")
+KERNELS = ("exact_decode", "santa_scores", "santa_values", "key_scores")
+SOURCES = ("decode.cu", "bernoulli.cu")
 OPTIONS = ("-std=c++17",)
+_INCLUDE = re.compile(r'^#include "([^"]+)"$', re.M)
 
 
 @functools.lru_cache(maxsize=None)
-def source(name="decode.cu"):
-    """The kernel source with its local includes inlined (NVRTC then needs no include path)."""
+def source():
+    """One translation unit of :data:`SOURCES` with local includes inlined, each once (NVRTC then
+    needs no include path)."""
     files = importlib.resources.files("kernels_cu")
-    text = files.joinpath(name).read_text()
-    common = files.joinpath("common.cuh").read_text()
-    return text.replace('#include "common.cuh"', common)
+    seen = set()
+
+    def inline(name):
+        seen.add(name)
+        return _INCLUDE.sub(lambda m: "" if m.group(1) in seen else inline(m.group(1)),
+                            files.joinpath(name).read_text())
+
+    return "\n".join(inline(name) for name in SOURCES)
 
 
 def name_expressions(dtype_name, dim):

@@ -31,13 +31,30 @@ def _import_inputs(**arrays):
     return converted, lambda x: back(x) if hasattr(x, "__dlpack__") else x
 
 
-def _decode_inputs(q, k, v, kv_lens, page_table, out):
-    """Arrays (DLPack tensors brought in), their :class:`Geometry`, their kind, and the function
-    that hands results back in the caller's kind."""
+K_LAYOUTS = ("standard", "feature_major")
+
+
+def _standard_view(k, k_layout):
+    """``k`` seen in the standard layout (a view, no copy) when it is feature-major."""
+    _checks.scheme_name("k_layout", k_layout, K_LAYOUTS)
+    if k_layout == "standard":
+        return k
+    _checks.array_kind("k", k)
+    if k.ndim != 4:
+        raise ValueError("k (feature_major) must have shape (batch, kv_heads, head_dim, capacity) or "
+                         f"(num_pages, kv_heads, head_dim, page_size), got {k.shape}")
+    return reference.get_array_module(k).moveaxis(k, 3, 1)
+
+
+def _decode_inputs(q, k, v, kv_lens, page_table, out, k_layout):
+    """Arrays (DLPack tensors brought in; ``k`` as given, ``k_view`` in the standard layout),
+    their :class:`Geometry`, their kind, and the function that hands results back in the
+    caller's kind."""
     arrays, back = _import_inputs(q=q, k=k, v=v, kv_lens=kv_lens, page_table=page_table, out=out)
-    arrays = tuple(arrays[n] for n in ("q", "k", "v", "kv_lens", "page_table", "out"))
-    geo = _checks.geometry(*arrays[:5])
-    return arrays, geo, _checks.array_kind("q", arrays[0]), back
+    q, k, v, kv_lens, page_table, out = (arrays[n] for n in ("q", "k", "v", "kv_lens", "page_table", "out"))
+    k_view = _standard_view(k, k_layout)
+    geo = _checks.geometry(q, k_view, v, kv_lens, page_table)
+    return (q, k, k_view, v, kv_lens, page_table, out), geo, _checks.array_kind("q", q), back
 
 
 def _returns(out, lse, extra, back):
@@ -48,11 +65,25 @@ def _returns(out, lse, extra, back):
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def _uses_kernels(kind, q, geo, key_draws):
-    if kind != "cupy" or key_draws is not None:
-        return False
-    return (q.dtype.name in ("float16", "bfloat16", "float32") and geo.dim in _checks.KERNEL_HEAD_DIMS
-            and geo.group <= _checks.MAX_GROUP_GPU)
+def _kernel_path(kind, q, k, geo, key_draws, k_layout):
+    """Which kernels run: ``'standard'``, ``'feature_major'``, or None for the reference.
+
+    Ternary queries need a feature-major cache, whose token runs (``capacity`` or ``page_size``
+    tokens) must split into 16-byte loads."""
+    if kind != "cupy" or q.dtype.name not in ("float16", "bfloat16", "float32"):
+        return None
+    if geo.dim not in _checks.KERNEL_HEAD_DIMS or geo.group > _checks.MAX_GROUP_GPU:
+        return None
+    if k_layout == "standard":
+        return None if key_draws is not None else "standard"
+    aligned = (geo.page_size * q.dtype.itemsize) % 16 == 0 and k.data.ptr % 16 == 0
+    return "feature_major" if aligned else None
+
+
+def _key_codes(key_draws, key_scheme, key_group):
+    """Kernel arguments of the score stage: (draws, stratified, group); 0 draws = exact scores."""
+    from ._gpu import KEY_GROUP_CODES
+    return (key_draws or 0, int(key_scheme == "stratified"), KEY_GROUP_CODES[key_group])
 
 
 def _reference_inputs(q, k, v, kv_lens, page_table, key_draws, key_scheme, key_group, geo, seed_plan):
@@ -75,7 +106,7 @@ def _key_args(key_draws, key_scheme, key_group, names=("key_draws", "key_scheme"
 
 def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, page_table=None,
            scale=None, out=None, return_lse=False, return_counts=False, key_draws=None,
-           key_scheme="stratified", key_group="mean", validate=True):
+           key_scheme="stratified", key_group="mean", k_layout="standard", validate=True):
     """Decode attention with the value stage estimated from ``samples`` sampled value rows.
 
     The scores ``s = q K^T * scale`` and ``p = softmax(s)`` are exact; ``p V`` is replaced by
@@ -119,11 +150,17 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
         (logical positions). Meant for analysis: it costs a pass over a dense buffer.
     key_draws : int, optional
         Estimate the scores too, from ``key_draws`` stochastic ternary queries
-        (see :func:`ternary_query`); the scores are then unbiased but their softmax is not.
-        Runs the reference (also on CuPy arrays).
+        (see :func:`ternary_query`): only the key features some draw selects are read. The
+        scores are then unbiased; their softmax, and so the output, is not. The kernels need
+        ``k_layout='feature_major'``; with a standard cache the reference runs (slowly).
     key_scheme : {'stratified', 'iid'}
     key_group : {'mean', 'head'}
         ``'mean'``: one feature set per query group (mean-group query); ``'head'``: per head.
+    k_layout : {'standard', 'feature_major'}
+        Layout of ``k``; ``'feature_major'`` is the layout of :mod:`santa_cupy.layout`
+        (``v`` stays standard). On the GPU its token runs (``capacity``, or ``page_size`` for a
+        paged cache) must be a multiple of 8 tokens for 16-bit types, 4 for float32; otherwise
+        the reference runs.
     validate : bool
         Check values too: ``kv_lens`` range, page indices, NaN/Inf in ``q`` and in the cache rows
         within ``kv_lens``. On CuPy arrays this reads the whole cache and synchronises with the
@@ -136,22 +173,24 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     lse : float32 array (batch, q_heads), if ``return_lse``
     counts : int32 array (batch, q_heads, capacity), if ``return_counts``
     """
-    (q, k, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(q, k, v, kv_lens, page_table, out)
+    (q, k, k_view, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(
+        q, k, v, kv_lens, page_table, out, k_layout)
     _checks.scheme_name("scheme", scheme)
     _key_args(key_draws, key_scheme, key_group)
-    gpu = _uses_kernels(kind, q, geo, key_draws)
-    samples = _checks.positive_int("samples", samples, _checks.MAX_SAMPLES_GPU if gpu else None)
+    path = _kernel_path(kind, q, k, geo, key_draws, k_layout)
+    samples = _checks.positive_int("samples", samples, _checks.MAX_SAMPLES_GPU if path else None)
     scale = _checks.scale_value(scale, geo.dim)
     _checks.output(out, q.shape, q.dtype, kind)
     if validate or kind == "numpy":
-        _checks.values(q, k, v, kv_lens, page_table, geo)
-    if gpu:
+        _checks.values(q, k_view, v, kv_lens, page_table, geo)
+    if path:
         from . import _gpu
+        keys = _key_codes(key_draws, key_scheme, key_group) if path == "feature_major" else None
         res, lse, counts = _gpu.decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme,
-                                       seed, out, return_lse, return_counts)
+                                       seed, out, return_lse, return_counts, keys)
     else:
         plan = rng.resolve_seed(seed, geo.batch)
-        qq, K, V, lens = _reference_inputs(q, k, v, kv_lens, page_table, key_draws, key_scheme,
+        qq, K, V, lens = _reference_inputs(q, k_view, v, kv_lens, page_table, key_draws, key_scheme,
                                            key_group, geo, plan)
         o, lse, counts = reference.decode(qq, K, V, lens, samples, scheme, plan, scale)
         res = _store(o, out, q.dtype)
@@ -166,31 +205,39 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
 
 
 def decode_exact(q, k, v, kv_lens=None, page_table=None, scale=None, out=None, return_lse=False,
-                 key_draws=None, key_scheme="stratified", key_group="mean", seed=None, validate=True):
+                 key_draws=None, key_scheme="stratified", key_group="mean", seed=None,
+                 k_layout="standard", validate=True):
     """Exact decode attention ``softmax(q K^T * scale) V``.
 
     Shapes, layouts, dtypes and the arguments are those of :func:`decode`; ``key_draws`` (with
     ``key_scheme``, ``key_group`` and ``seed``) estimates the scores from ternary queries.
-    On CuPy arrays it runs a split-KV kernel: each query group shares every K/V tile load, and
-    the splits are merged in a fixed order (bitwise reproducible).
+    On CuPy arrays with a standard cache it runs a split-KV kernel: each query group shares
+    every K/V tile load, and the splits are merged in a fixed order (bitwise reproducible).
+    A feature-major cache runs the score kernel of :func:`decode` and an exact ``p V`` pass.
 
     Returns
     -------
     out : array (batch, q_heads, head_dim), dtype of ``q``
     lse : float32 array (batch, q_heads), if ``return_lse``
     """
-    (q, k, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(q, k, v, kv_lens, page_table, out)
+    (q, k, k_view, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(
+        q, k, v, kv_lens, page_table, out, k_layout)
     _key_args(key_draws, key_scheme, key_group)
     scale = _checks.scale_value(scale, geo.dim)
     _checks.output(out, q.shape, q.dtype, kind)
     if validate or kind == "numpy":
-        _checks.values(q, k, v, kv_lens, page_table, geo)
-    if _uses_kernels(kind, q, geo, key_draws):
+        _checks.values(q, k_view, v, kv_lens, page_table, geo)
+    path = _kernel_path(kind, q, k, geo, key_draws, k_layout)
+    if path == "standard":
         from . import _gpu
         res, lse = _gpu.decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse)
+    elif path:
+        from . import _gpu
+        res, lse, _ = _gpu.decode(q, k, v, kv_lens, page_table, geo, scale, 1, "dense", seed, out,
+                                  return_lse, False, _key_codes(key_draws, key_scheme, key_group))
     else:
         plan = rng.resolve_seed(seed, geo.batch)
-        qq, K, V, lens = _reference_inputs(q, k, v, kv_lens, page_table, key_draws, key_scheme,
+        qq, K, V, lens = _reference_inputs(q, k_view, v, kv_lens, page_table, key_draws, key_scheme,
                                            key_group, geo, plan)
         o, lse = reference.decode_exact(qq, K, V, lens, scale)
         res = _store(o, out, q.dtype)
@@ -322,15 +369,24 @@ def ternary_query(q, draws, scheme="stratified", seed=None, kv_heads=None):
 
 
 def bernoulli_scores(q, k, draws, scheme="stratified", seed=None, kv_lens=None, page_table=None,
-                     scale=None, key_group="mean"):
-    """Scores estimated from ternary queries: ``(estimate . K^T) * scale``, unbiased for the
-    exact scores; ``-inf`` past ``kv_lens``. float64 (batch, q_heads, n_max) where ``n_max`` is
-    the longest sequence. See :func:`ternary_query` for the draws and ``key_group``.
+                     scale=None, key_group="mean", k_layout="standard"):
+    """Scores estimated from ternary queries: ``(estimate . K^T) * scale``.
+
+    Unbiased for the exact scores (their softmax is not); ``-inf`` past ``kv_lens``. Shape
+    (batch, q_heads, n_max) where ``n_max`` is the longest sequence; float64 from the reference,
+    float32 from the kernels (CuPy arrays with ``k_layout='feature_major'``, see :func:`decode`).
+    The draws are those :func:`ternary_query` returns for the same seed; see it for ``key_group``.
     """
-    geo = _checks.geometry(q, k, k, kv_lens, page_table)
+    k_view = _standard_view(k, k_layout)
+    geo = _checks.geometry(q, k_view, k_view, kv_lens, page_table)
     _key_args(draws, scheme, key_group, names=("draws", "scheme"))
     scale = _checks.scale_value(scale, geo.dim)
-    _checks.values(q, k, k, kv_lens, page_table, geo)
+    _checks.values(q, k_view, k_view, kv_lens, page_table, geo)
+    kind = _checks.array_kind("q", q)
+    if _kernel_path(kind, q, k, geo, draws, k_layout):
+        from . import _gpu
+        return _gpu.key_scores(q, k, kv_lens, page_table, geo, scale, seed, _key_codes(draws, scheme, key_group))
     plan = rng.resolve_seed(seed, geo.batch)
-    qq, K, _, lens = _reference_inputs(q, k, k, kv_lens, page_table, draws, scheme, key_group, geo, plan)
+    qq, K, _, lens = _reference_inputs(q, k_view, k_view, kv_lens, page_table, draws, scheme, key_group,
+                                       geo, plan)
     return reference.scores(qq, K, lens, scale)

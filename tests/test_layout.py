@@ -57,3 +57,37 @@ def test_append_bad_input_names_argument():
         sc.to_feature_major(new)
     with pytest.raises(TypeError, match="positions must be a numpy or cupy array"):
         sc.append_feature_major(kf, new, [0, 1])
+
+
+def _problem(paged):
+    r = numpy.random.default_rng(3)
+    q = r.standard_normal((2, 8, 64)).astype(numpy.float32)
+    if paged:
+        k, v = _cache((5, 16, 2, 64), 4), _cache((5, 16, 2, 64), 5)
+        return dict(q=q, k=k, v=v, kv_lens=numpy.array([30, 9]), page_table=numpy.array([[4, 0], [2, 1]]))
+    return dict(q=q, k=_cache((2, 30, 2, 64), 4), v=_cache((2, 30, 2, 64), 5), kv_lens=numpy.array([30, 9]))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_reads_feature_major_caches(paged):
+    p = _problem(paged)
+    f = {**p, "k": sc.to_feature_major(p["k"])}
+    kw = dict(key_draws=4, seed=3)
+    numpy.testing.assert_array_equal(sc.decode_exact(**f, k_layout="feature_major"), sc.decode_exact(**p))
+    numpy.testing.assert_array_equal(sc.decode(**f, samples=16, k_layout="feature_major", **kw),
+                                     sc.decode(**p, samples=16, **kw))
+    numpy.testing.assert_allclose(      # the einsum may sum in another order over a strided view
+        sc.bernoulli_scores(f["q"], f["k"], 4, seed=3, kv_lens=f["kv_lens"], page_table=f.get("page_table"),
+                            k_layout="feature_major"),
+        sc.bernoulli_scores(p["q"], p["k"], 4, seed=3, kv_lens=p["kv_lens"], page_table=p.get("page_table")),
+        rtol=1e-12)
+
+
+def test_bad_k_layout_names_argument():
+    p = _problem(False)
+    with pytest.raises(ValueError, match="k_layout"):
+        sc.decode(**p, k_layout="tokens")
+    with pytest.raises(ValueError, match=r"k \(feature_major\)"):
+        sc.decode_exact(**{**p, "k": p["k"][0]}, k_layout="feature_major")
+    with pytest.raises(ValueError, match="v must have the shape"):   # k not actually feature-major
+        sc.decode_exact(**p, k_layout="feature_major")
