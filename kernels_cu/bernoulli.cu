@@ -176,15 +176,23 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   const bool split_coef = MMA && key_draws > 0;           // exact queries are exact in T: no lo part
 
   // rows past the listed features are zero-filled: their coefficients are zero, and 0 * stale NaN is not
+  static_assert(SANTA_THREADS % CPR == 0, "a thread copies one token chunk in every row");
+  const int col = threadIdx.x % CPR;
+  int chunk_tile = -1;
+  long long chunk = -1;                   // offset of the thread's token chunk in the tile, or -1
   auto issue = [&](int s) {
     char* buf = kbuf + (s % KEY_STAGES) * STAGE_BYTES;
-    const int pos0 = (t0 + s / nfg) * SANTA_TILE, f0 = (s % nfg) * RF;
+    const int t = t0 + s / nfg, f0 = (s % nfg) * RF;
+    if (t != chunk_tile) {
+      const int pos = t * SANTA_TILE + col * VEC;
+      chunk = pos < len ? cache.fm_row(b, pos, kvh, D) : -1;
+      chunk_tile = t;
+    }
 #pragma unroll
     for (int i = 0; i < CPT; ++i) {
-      const int c = threadIdx.x + i * SANTA_THREADS, r = c / CPR, pos = pos0 + (c % CPR) * VEC;
-      const long long o = f0 + r < nfeat && pos < len ? cache.fm_row(b, pos, kvh, D) : -1;
-      cp_async16(buf + r * ROW_STRIDE + (c % CPR) * 16, o >= 0 ? (const void*)(k + o + feat_sm[f0 + r] * width) : (const void*)k,
-                 o >= 0);
+      const int r = (threadIdx.x + i * SANTA_THREADS) / CPR;
+      const bool ok = f0 + r < nfeat && chunk >= 0;
+      cp_async16(buf + r * ROW_STRIDE + col * 16, ok ? (const void*)(k + chunk + feat_sm[f0 + r] * width) : (const void*)k, ok);
     }
   };
 #pragma unroll
@@ -226,20 +234,24 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
     const int t = t0 + s / nfg, pos0 = t * SANTA_TILE;
     auto real = [&](int pos) { return pos < len && cache.fm_row(b, pos, kvh, D) >= 0; };
     if constexpr (MMA) {
+      unsigned ok = 0;                                      // which of the thread's 2 NT tokens are real
+#pragma unroll
+      for (int i = 0; i < 2 * NT; ++i) ok |= (unsigned)real(pos0 + (warp * NT + i / 2) * 8 + tig * 2 + i % 2) << i;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int g = grp + 8 * half;
         if (g >= G) break;                                  // uniform over the 4 lanes of a row
         float v[2 * NT], m = NEG_INF;
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int pos = pos0 + (warp * NT + j) * 8 + tig * 2 + e;
-            v[2 * j + e] = real(pos) ? acc[j][2 * half + e] * scale : NEG_INF;
-            if (pos < len) stash[(bh0 + g) * stash_stride + pos] = v[2 * j + e];
-            m = fmaxf(m, v[2 * j + e]);
-          }
+        for (int j = 0; j < NT; ++j) {
+          const int p = (warp * NT + j) * 8 + tig * 2;       // even: the pair is one 8-byte store
+          v[2 * j] = ok >> (2 * j) & 1 ? acc[j][2 * half] * scale : NEG_INF;
+          v[2 * j + 1] = ok >> (2 * j + 1) & 1 ? acc[j][2 * half + 1] * scale : NEG_INF;
+          float* dst = stash + (bh0 + g) * stash_stride + pos0 + p;
+          if (pos0 + p + 1 < len) *reinterpret_cast<float2*>(dst) = make_float2(v[2 * j], v[2 * j + 1]);
+          else if (pos0 + p < len) dst[0] = v[2 * j];
+          m = fmaxf(m, fmaxf(v[2 * j], v[2 * j + 1]));
+        }
         float l = 0.f;
 #pragma unroll
         for (int i = 0; i < 2 * NT; ++i) l += m == NEG_INF ? 0.f : __expf(v[i] - m);

@@ -9,6 +9,8 @@
 //   santa_values    launch 2: per tile, counts how many draw positions fall into each row's CDF
 //                   interval (closed forms, no per-tile budget rounding), gathers only the rows
 //                   drawn by any head of the group, and the last block merges the splits.
+//                   SCHEME_DENSE weighs every row by its probability instead: exact p V over the
+//                   stash (bernoulli.cu writes it from a feature-major cache).
 //
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
