@@ -178,38 +178,41 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   // rows past the listed features are zero-filled: their coefficients are zero, and 0 * stale NaN is not
   static_assert(SANTA_THREADS % CPR == 0, "a thread copies one token chunk in every row");
   const int col = threadIdx.x % CPR;
-  int chunk_tile = -1;
+  // stages run tile by tile, nfg feature groups each; issuing runs KEY_STAGES - 1 stages ahead
+  // (counters, not divisions by the run-time nfg)
+  int issued = 0, issue_t = t0, issue_fg = 0;
   long long chunk = -1;                   // offset of the thread's token chunk in the tile, or -1
-  auto issue = [&](int s) {
-    char* buf = kbuf + (s % KEY_STAGES) * STAGE_BYTES;
-    const int t = t0 + s / nfg, f0 = (s % nfg) * RF;
-    if (t != chunk_tile) {
-      const int pos = t * SANTA_TILE + col * VEC;
+  auto issue_next = [&]() {
+    char* buf = kbuf + (issued % KEY_STAGES) * STAGE_BYTES;
+    if (issue_fg == 0) {
+      const int pos = issue_t * SANTA_TILE + col * VEC;
       chunk = pos < len ? cache.fm_row(b, pos, kvh, D) : -1;
-      chunk_tile = t;
     }
+    const int f0 = issue_fg * RF;
 #pragma unroll
     for (int i = 0; i < CPT; ++i) {
       const int r = (threadIdx.x + i * SANTA_THREADS) / CPR;
       const bool ok = f0 + r < nfeat && chunk >= 0;
       cp_async16(buf + r * ROW_STRIDE + col * 16, ok ? (const void*)(k + chunk + feat_sm[f0 + r] * width) : (const void*)k, ok);
     }
+    if (++issue_fg == nfg) { issue_fg = 0; ++issue_t; }
+    ++issued;
   };
 #pragma unroll
   for (int s = 0; s < KEY_STAGES - 1; ++s) {
-    if (s < nst) issue(s);
+    if (s < nst) issue_next();
     cp_async_commit();
   }
   float acc[MMA ? NT : SANTA_GMAX][4];     // MMA: (n-tile, fragment); float: (head, -)
 #pragma unroll
   for (int j = 0; j < (MMA ? NT : SANTA_GMAX); ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  int t = t0, fg = 0;                      // the stage being computed
   for (int s = 0; s < nst; ++s) {
     cp_async_wait<KEY_STAGES - 2>();
     __syncthreads();
-    if (s + KEY_STAGES - 1 < nst) issue(s + KEY_STAGES - 1);
+    if (s + KEY_STAGES - 1 < nst) issue_next();
     cp_async_commit();
     const char* buf = kbuf + (s % KEY_STAGES) * STAGE_BYTES;
-    const int fg = s % nfg;
     if constexpr (MMA) {
       const uint4 hi = frag_sm[2 * (fg * 32 + lane)], lo = frag_sm[2 * (fg * 32 + lane) + 1];
 #pragma unroll
@@ -229,10 +232,10 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
           if (g < G) acc[g][0] = fmaf(cf[g], kv, acc[g][0]);
       }
     }
-    if (fg != nfg - 1) continue;
+    if (++fg < nfg) continue;
     // the tile is complete: stash its scores and reduce (max, sum) per head over the block
-    const int t = t0 + s / nfg, pos0 = t * SANTA_TILE;
-    auto real = [&](int pos) { return pos < len && cache.fm_row(b, pos, kvh, D) >= 0; };
+    const int pos0 = t * SANTA_TILE;
+    auto real = [&](int pos) { return pos < len && (!page_table || cache.fm_row(b, pos, kvh, D) >= 0); };
     if constexpr (MMA) {
       unsigned ok = 0;                                      // which of the thread's 2 NT tokens are real
 #pragma unroll
@@ -286,6 +289,8 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
         stat_l[(bh0 + g) * tiles_max + t] = l;
       }
     }
+    fg = 0;
+    ++t;
   }
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
