@@ -19,6 +19,7 @@ Usage::
 import argparse
 import datetime
 import sys
+from pathlib import Path
 
 from . import report, timing
 from .decode import (SEED, Config, Inputs, _as_f32, _environment, _err, _flashinfer_candidates, _measure,
@@ -118,10 +119,6 @@ def run_config(cfg, timer, env, tail, bar):
     return rows
 
 
-def _fmt(x, spec):
-    return "–" if x is None else format(x, spec)
-
-
 def markdown(meta, rows):
     lines = [f"# santa_cupy ternary-query decode: {meta['card']}, {meta['date']}", "",
              f"- median of {meta['reps']} launches, L2 flushed before each; copy bandwidth "
@@ -137,11 +134,12 @@ def markdown(meta, rows):
         lines += [f"## {name}", "", "| method | µs | × dense | × santa | time/floor | K feat | V rows | rel err | note |",
                   "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
         for r in (r for r in rows if r["config"] == name):
-            note = (f"**error**: {r['error']}" if r["error"] else "") + (r["note"] or "")
+            note = "; ".join(x for x in (r["error"] and f"**error**: {r['error']}", r["note"]) if x)
+            fmt = report._fmt
             lines.append("| " + " | ".join([
-                r["method"], _fmt(r["us"], ".1f"), _fmt(r.get("speedup"), ".2f"), _fmt(r.get("vs_santa"), ".2f"),
-                _fmt(r.get("time_over_floor"), ".2f"), f"{100 * r['k_frac']:.1f}%", f"{100 * r['v_frac']:.2f}%",
-                _fmt(r.get("rel_err"), ".2e"), note.replace("|", "/")]) + " |")
+                r["method"], fmt(r["us"], ".1f"), fmt(r.get("speedup"), ".2f"), fmt(r.get("vs_santa"), ".2f"),
+                fmt(r.get("time_over_floor"), ".2f"), f"{100 * r['k_frac']:.1f}%", f"{100 * r['v_frac']:.2f}%",
+                fmt(r.get("rel_err"), ".2e"), note.replace("|", "/")]) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -170,7 +168,6 @@ def main(argv=None):
         rows += run_config(cfg, lambda fn: timing.time_launches(fn, flush, args.reps, 10), env, args.q_tail, bar)
         cupy.get_default_memory_pool().free_all_blocks()
     bar.close()
-    from pathlib import Path
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / report.file_stem(meta)

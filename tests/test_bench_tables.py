@@ -221,3 +221,16 @@ def test_run_config_on_the_cpu_reference(monkeypatch, cfg):
     report.finish_rows(rows, BW)
     assert by["santa exact"]["floor_us"] == pytest.approx(dense / BW * 1e6)
     assert by["santa exact"]["speedup"] is None  # no dense baseline ran
+
+
+def test_bernoulli_table_renders_rows_and_gaps():
+    from bench import bernoulli as bb
+    meta = dict(card="GPU", date="2026-01-01", reps=3, copy_bw=BW, q_tail=1.0, seed=1, versions={"cupy": "x"})
+    rows = [dict(config="b8-n32k", method="santa S=256", us=250.0, speedup=1.0, vs_santa=1.0,
+                 time_over_floor=1.7, k_frac=1.0, v_frac=0.025, rel_err=0.3, note=None, error=None),
+            dict(config="b8-n32k", method="flashinfer", us=None, k_frac=1.0, v_frac=1.0, note=None,
+                 error="flashinfer not importable")]
+    md = bb.markdown(meta, rows)
+    assert "| santa S=256 | 250.0 | 1.00 | 1.00 | 1.70 | 100.0% | 2.50% | 3.00e-01 |  |" in md
+    assert "| flashinfer | – | – | – | – | 100.0% | 100.00% | – | **error**: flashinfer not importable |" in md
+    assert len(bb.tasks()) == 3 + 2 * (2 + len(bb.DRAWS)) + len(bb.DRAWS)
