@@ -6,9 +6,9 @@
 //   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and per-tile
 //                   (max, sum) statistics; the last block of a (batch, KV head) turns them into
 //                   the global CDF's tile offsets (and, for iid, the sorted draw positions).
-//   santa_values    launch 2: per tile, counts how many draw positions fall into each row's CDF
-//                   interval (closed forms, no per-tile budget rounding), gathers only the rows
-//                   drawn by any head of the group, and the last block merges the splits.
+//   santa_values    launch 2: a warp per (tile, head) with draws finds the rows its draws land in
+//                   (the draw ranges of tiles come from closed forms: no per-tile budget rounding)
+//                   and gathers only those V rows; the last block merges the splits.
 //                   SCHEME_DENSE weighs every row by its probability instead: exact p V over the
 //                   stash (bernoulli.cu writes it from a feature-major cache).
 //
@@ -478,107 +478,71 @@ __device__ __forceinline__ int draws_below(int scheme, double x, int S, double U
 }
 
 // ============================================================================ SANTA pass 2
-// Where the draws of one (tile, head) fall: draws [lo, hi) of the head land in the tile; a row's
-// CDF edge c (scanned weights exp(s - ref)) maps to the global position (base + c) * scale.
+// Where the draws of one (tile, head) fall: draws [lo, hi) of the head land in the tile; draw j,
+// at global CDF position u_j, sits at u_j * mass - base on the scale of the tile's scanned
+// weights exp(s - ref).
 struct TileDraws {
-  double base, scale, U;
-  float ref, fac;
+  double base, mass, U;
+  float ref, fac;            // fac: weight of one draw (SCHEME_DENSE: 1 / Z, a row weighs its probability)
   int lo, hi;
 };
 
-// Weight of a row in the estimate: its draws times the draw weight, or (dense) its probability.
-__device__ __forceinline__ float row_weight(int scheme, int cnt, float fac) {
-  return scheme == SCHEME_DENSE ? __int_as_float(cnt) : (float)cnt * fac;
-}
-
-// Copy the stash of the (tile, head) tasks of a round that draw into `buf` ((TPR x G) x TILE floats).
-__device__ __forceinline__ void issue_round_stash(float* buf, const float* stash, long long bh0, int stride, int len,
-                                                  int ta, int tb, int t0, const TileDraws* td, int G) {
-  const int ntasks = (tb - ta) * G;
-  for (int c = threadIdx.x; c < ntasks * (SANTA_TILE / 4); c += SANTA_THREADS) {
-    const int task = c / (SANTA_TILE / 4), r4 = (c % (SANTA_TILE / 4)) * 4;
-    const int t = ta + task / G, g = task % G;
-    const TileDraws& d = td[(t - t0) * G + g];
-    if (d.hi > d.lo && t * SANTA_TILE + r4 < len)
-      cp_async16(buf + task * SANTA_TILE + r4, stash + (bh0 + g) * stride + t * SANTA_TILE + r4, true);
-  }
-}
-
-// Gather rows list_pos[e0 .. e0 + R) of V (zero past n) into a shared-memory stage.
-template <typename T, int D>
-__device__ __forceinline__ void issue_gather(char* buf, const T* v, const Cache& cache, int b, int kvh,
-                                             const int* list_pos, int e0, int n) {
-  typedef Layout<T, D> L;
+// The E = D / 32 elements [lane E, lane E + E) of a cache row, as float.
+template <typename T, int D> struct RowSlice {
+  static constexpr int E = D / 32;
+  static constexpr int WORDS = E * (int)sizeof(T) / 4;
+  __device__ __forceinline__ static void load(const T* row, float (&f)[E]) {
+    const u32* p = reinterpret_cast<const u32*>(row + (threadIdx.x & 31) * E);
+    u32 w[WORDS];
+    if constexpr (WORDS >= 4) {
 #pragma unroll
-  for (int i = 0; i < L::CPT; ++i) {
-    const int c = threadIdx.x + i * SANTA_THREADS, r = c / L::NCH, ch = c % L::NCH;
-    const long long off = e0 + r < n ? cache.row(b, list_pos[e0 + r], kvh, D) : -1;
-    cp_async16(buf + r * L::ROW_STRIDE + ch * 16, off >= 0 ? (const void*)(v + off + ch * L::VEC) : (const void*)v,
-               off >= 0);
-  }
-}
-
-// acc += sum over the listed rows of list_w[e, g] * V[row]; rows stream through two stages.
-template <typename T, int D>
-__device__ void flush_rows(char* vstage, const T* v, const Cache& cache, int b, int kvh, const int* list_pos,
-                           const float* list_w, int n, int G, const Items<T, D>& it,
-                           float (&acc)[Layout<T, D>::IPT][Layout<T, D>::VEC]) {
-  typedef Layout<T, D> L;
-  const int nb = (n + L::R - 1) / L::R;
-  if (nb == 0) return;
-  issue_gather<T, D>(vstage, v, cache, b, kvh, list_pos, 0, n);
-  cp_async_commit();
-  for (int bi = 0; bi < nb; ++bi) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (bi + 1 < nb) issue_gather<T, D>(vstage + ((bi + 1) & 1) * L::STAGE_BYTES, v, cache, b, kvh, list_pos, (bi + 1) * L::R, n);
-    cp_async_commit();
-    const char* vb = vstage + (bi & 1) * L::STAGE_BYTES;
-    const int e0 = bi * L::R, rows = min(L::R, n - e0);
-    if (it.phase >= 0) {
+      for (int i = 0; i < WORDS / 4; ++i) {
+        const uint4 x = __ldg(reinterpret_cast<const uint4*>(p) + i);
+        w[4 * i] = x.x; w[4 * i + 1] = x.y; w[4 * i + 2] = x.z; w[4 * i + 3] = x.w;
+      }
+    } else if constexpr (WORDS == 2) {
+      const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+      w[0] = x.x; w[1] = x.y;
+    } else {
+      w[0] = __ldg(p);
+    }
 #pragma unroll
-      for (int j = 0; j < L::IPT; ++j) {
-        const int item = it.item(j);
-        if (item < it.items) {
-          const int g = item / L::NCH, ch = item % L::NCH;
-          for (int r = it.phase; r < rows; r += it.phases) {
-            const float w = list_w[(e0 + r) * G + g];
-            if (w == 0.f) continue;
-            float f[L::VEC];
-            Vec<T>::unpack(*reinterpret_cast<const uint4*>(vb + r * L::ROW_STRIDE + ch * 16), f);
-#pragma unroll
-            for (int i = 0; i < L::VEC; ++i) acc[j][i] = fmaf(w, f[i], acc[j][i]);
-          }
-        }
+    for (int i = 0; i < WORDS; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        f[i] = __uint_as_float(w[i]);
+      } else {
+        T lo, hi;
+        lo.x = (unsigned short)(w[i] & 0xffffu); hi.x = (unsigned short)(w[i] >> 16);
+        f[2 * i] = to_float(lo); f[2 * i + 1] = to_float(hi);
       }
     }
   }
-  cp_async_wait<0>();
-  __syncthreads();
-}
+};
 
-// Pass 2 works in rounds of TPR tiles: one warp per (tile, head) finds the draws per row (scan
-// of exp(s - ref) over the tile, closed-form draw counts at each row's CDF edges), the rows drawn
-// by any head are appended to a list, and the list's V rows are gathered in batches.
+#define VALUE_WARPS (SANTA_THREADS / 32)
+
+// Pass 2: warps work independently, one (tile, head) at a time. A warp reads the tile's stash,
+// scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per draw, not
+// per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of the head's
+// output. Warps split the block's tiles (and, when there are fewer than 8 tiles, the heads); the
+// block sums its warps in a fixed order per head and the last block merges the splits.
 template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
+__global__ void __launch_bounds__(SANTA_THREADS, 4) santa_values(
     const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
     const float* stash, const float* stat_m, const float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch,
     const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
     float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
-  typedef Layout<T, D> L;
+  constexpr int E = RowSlice<T, D>::E;
   extern __shared__ __align__(16) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int TPR = G >= 8 ? 1 : 8 / G, LCAP = max(512, TPR * SANTA_TILE);
-  float* sbuf = reinterpret_cast<float*>(smem_raw);             // 2 x (TPR x G) x TILE stash
-  int* cnt_sm = reinterpret_cast<int*>(sbuf + 2 * TPR * G * SANTA_TILE);   // (TPR x G) x TILE draws
-  int* list_pos = cnt_sm + TPR * G * SANTA_TILE;                 // LCAP drawn rows
-  float* list_w = reinterpret_cast<float*>(list_pos + LCAP);     // LCAP x G weights
-  char* vstage = reinterpret_cast<char*>(list_w + LCAP * G);     // 2 x STAGE_BYTES gathered V rows
-  TileDraws* td_sm = reinterpret_cast<TileDraws*>(vstage + 2 * L::STAGE_BYTES);   // tiles_per_split x G
-  __shared__ int wcount_sm[SANTA_THREADS / 32];
+  float* red_sm = reinterpret_cast<float*>(smem_raw);                       // VALUE_WARPS x D
+  float* edge = red_sm + VALUE_WARPS * D + warp * 4 * SANTA_TILE;           // this warp's CDF edges,
+  int* cnt = reinterpret_cast<int*>(edge + SANTA_TILE);                     //   draws per row (zero between tiles),
+  int* list_row = cnt + SANTA_TILE;                                         //   rows with weight
+  float* list_w = reinterpret_cast<float*>(list_row + SANTA_TILE);          //   and their weights
+  TileDraws* td_sm = reinterpret_cast<TileDraws*>(red_sm + VALUE_WARPS * (D + 4 * SANTA_TILE));  // tiles x G
   __shared__ int flag;
   MAKE_CACHE;
   if (offset_advance && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
@@ -591,6 +555,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   const int budget = tiles > 0 ? max(1, S / tiles) : 1;      // tile scheme: draws per tile
 
+  for (int i = lane; i < SANTA_TILE; i += 32) cnt[i] = 0;
   // Where the draws fall, for every (tile, head) of this split at once.
   for (int i = threadIdx.x; i < (t1 - t0) * G; i += SANTA_THREADS) {
     const int g = i % G, t = t0 + i / G, h = kvh * G + g;
@@ -601,12 +566,12 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
       const double W = mt == NEG_INF ? 0.0 : exp((double)mt - (double)plan_M[bh0 + g]) * (double)lt;
       d.lo = 0; d.hi = mt == NEG_INF ? 0 : budget;
       d.fac = Z > 0.0 ? (float)(W / (Z * budget)) : 0.f;
-      d.ref = mt; d.base = 0.0; d.scale = lt > 0.f ? 1.0 / lt : 0.0;
+      d.ref = mt; d.base = 0.0; d.mass = lt;
       d.U = st.uniform(b, h, PURPOSE_VALUES, off, t);
     } else if (scheme == SCHEME_DENSE) {
       const float mt = stat_m[(bh0 + g) * tiles_max + t];
       d.lo = 0; d.hi = mt == NEG_INF || !(Z > 0.0) ? 0 : 1;
-      d.fac = 1.f; d.ref = plan_M[bh0 + g]; d.base = 0.0; d.scale = Z > 0.0 ? 1.0 / Z : 0.0; d.U = 0.0;
+      d.fac = Z > 0.0 ? (float)(1.0 / Z) : 0.f; d.ref = plan_M[bh0 + g]; d.base = 0.0; d.mass = Z; d.U = 0.0;
     } else {
       const double* P = plan_P + (bh0 + g) * (tiles_max + 1);
       const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
@@ -615,113 +580,124 @@ __global__ void __launch_bounds__(SANTA_THREADS, 3) santa_values(
       d.lo = draws_below(scheme, P[t] * inv_z, S, U, st, b, h, off, pos);
       d.hi = t == tiles - 1 ? S : draws_below(scheme, P[t + 1] * inv_z, S, U, st, b, h, off, pos);
       d.fac = 1.f / S;
-      d.ref = plan_M[bh0 + g]; d.base = P[t]; d.scale = inv_z; d.U = U;
+      d.ref = plan_M[bh0 + g]; d.base = P[t]; d.mass = Z; d.U = U;
     }
     td_sm[i] = d;
   }
   __syncthreads();
 
-  Items<T, D> it(G);
-  float acc[L::IPT][L::VEC];
+  // Warps over heads first, so that the heads of the group read the same tiles (and V rows) at
+  // about the same time; wt warps (a power of two) over tiles.
+  int wt = 1;
+  while (wt * 2 <= min(VALUE_WARPS / min(G, VALUE_WARPS), t1 - t0)) wt *= 2;
+  const int HG = VALUE_WARPS / wt, wtile = warp % wt, hgrp = warp / wt;
+  for (int g0 = 0; g0 < G; g0 += HG) {
+    const int g = g0 + hgrp;
+    float acc[E];
 #pragma unroll
-  for (int j = 0; j < L::IPT; ++j)
-#pragma unroll
-    for (int i = 0; i < L::VEC; ++i) acc[j][i] = 0.f;
-
-  const int nrounds = (t1 - t0 + TPR - 1) / TPR;
-  if (nrounds > 0) issue_round_stash(sbuf, stash, bh0, stash_stride, len, t0, min(t1, t0 + TPR), t0, td_sm, G);
-  cp_async_commit();
-  int n_list = 0;
-  for (int rd = 0; rd < nrounds; ++rd) {
-    const int ta = t0 + rd * TPR, tb = min(t1, ta + TPR);
-    cp_async_wait<0>();
-    __syncthreads();
-    if (rd + 1 < nrounds)
-      issue_round_stash(sbuf + ((rd + 1) & 1) * TPR * G * SANTA_TILE, stash, bh0, stash_stride, len, tb,
-                        min(t1, tb + TPR), t0, td_sm, G);
-    cp_async_commit();
-    // one warp per (tile, head): draws per row
-    for (int task = warp; task < TPR * G; task += SANTA_THREADS / 32) {
-      const int t = ta + task / G, g = task % G;
-      int* cnt = cnt_sm + task * SANTA_TILE + lane * 8;
-      const TileDraws d = t < tb ? td_sm[(t - t0) * G + g] : TileDraws{0.0, 0.0, 0.0, NEG_INF, 0.f, 0, 0};
-      const int rows = t < tb ? min(SANTA_TILE, len - t * SANTA_TILE) : 0;
-      if (d.hi <= d.lo) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) cnt[i] = 0;
-        continue;
-      }
-      const float* sb = sbuf + ((rd & 1) * TPR * G + task) * SANTA_TILE + lane * 8;
-      if (scheme == SCHEME_DENSE) {            // the row's probability, as the bits of a float
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          cnt[i] = __float_as_int(lane * 8 + i < rows ? __expf(sb[i] - d.ref) * (float)d.scale : 0.f);
-        continue;
-      }
-      float c[8], run = 0.f;
+    for (int k = 0; k < E; ++k) acc[k] = 0.f;
+    float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
+    auto fetch = [&](int t) {                 // the stash of the warp's next tile, one tile ahead
+      if (g >= G || t >= t1) return;
+      const TileDraws& d = td_sm[(t - t0) * G + g];
+      if (d.hi <= d.lo) return;
+      const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + t * SANTA_TILE + lane * 8);
+      n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
+    };
+    fetch(t0 + wtile);
+    for (int t = t0 + wtile; g < G && t < t1; t += wt) {
+      const float4 s0 = n0, s1 = n1;
+      fetch(t + wt);
+      const TileDraws d = td_sm[(t - t0) * G + g];
+      if (d.hi <= d.lo) continue;
+      const int rows = min(SANTA_TILE, len - t * SANTA_TILE);
+      float w[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w}, c[8], run = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int r = lane * 8 + i;
-        run += (r < rows && d.ref != NEG_INF) ? __expf(sb[i] - d.ref) : 0.f;
+        w[i] = lane * 8 + i < rows && d.ref != NEG_INF ? __expf(w[i] - d.ref) : 0.f;
+        run += w[i];
         c[i] = run;
       }
-      const float before = warp_inclusive_scan(run) - run;
+      if (scheme == SCHEME_DENSE) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) c[i] += before;
-      float prev = __shfl_up_sync(0xffffffffu, c[7], 1);
-      if (lane == 0) prev = 0.f;
-      // draws below a CDF edge x (scanned weight), clamped to the tile's draws
-      auto below = [&](float x) -> int {
-        if (scheme == SCHEME_TILE)
-          return (int)fmin(fmax(ceil((double)x * d.scale * budget - d.U), 0.0), (double)budget);
-        return min(d.hi, max(d.lo, draws_below(scheme, (d.base + x) * d.scale, S, d.U, st, b, kvh * G + g, off,
-                                                plan_pos + (bh0 + g) * S)));
-      };
-      int lower = lane == 0 ? d.lo : (lane * 8 < rows ? below(prev) : 0);
+        for (int i = 0; i < 8; ++i) w[i] *= d.fac;
+      } else {
+        const float before = warp_inclusive_scan(run) - run;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) edge[lane * 8 + i] = c[i] + before;
+        __syncwarp();
+        const float last = edge[rows - 1];
+        const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
+        for (int j = d.lo + lane; j < d.hi; j += 32) {
+          double u;
+          if (scheme == SCHEME_IID) u = __ldg(plan_pos + (bh0 + g) * S + j);
+          else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
+          else u = ((double)j + d.U) * inv_s;
+          const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
+          // the first row whose upper edge passes x; at the total, the last row with weight
+          int lo = 0, hi = rows - 1;
+          while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            const float e = edge[mid];
+            if (x < last ? e > x : e >= last) hi = mid; else lo = mid + 1;
+          }
+          atomicAdd(cnt + lo, 1);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int r = lane * 8 + i, n = cnt[r];
+          cnt[r] = 0;
+          if (counts_out && r < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + r] = n;
+          w[i] = (float)n * d.fac;
+        }
+      }
+      // list the rows with weight, then gather them four at a time
+      int n = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const int r = lane * 8 + i;
-        int n = 0;
-        if (r < rows) {
-          const int upper = r == rows - 1 ? d.hi : below(c[i]);
-          n = max(0, upper - lower);
-          lower = upper;
+        const bool has = w[i] != 0.f;
+        const unsigned m = __ballot_sync(0xffffffffu, has);
+        if (has) {
+          const int e = n + __popc(m & ((1u << lane) - 1u));
+          list_row[e] = lane * 8 + i;
+          list_w[e] = w[i];
         }
-        cnt[i] = n;
+        n += __popc(m);
       }
-      if (counts_out)
-        for (int i = 0; i < 8; ++i)
-          if (lane * 8 + i < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + lane * 8 + i] = cnt[i];
+      __syncwarp();
+      for (int e0 = 0; e0 < n; e0 += 4) {
+        float f[4][E], wu[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const long long o = e0 + u < n ? cache.row(b, t * SANTA_TILE + list_row[e0 + u], kvh, D) : -1;
+          wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
+          if (o >= 0) RowSlice<T, D>::load(v + o, f[u]);
+          else
+#pragma unroll
+            for (int k = 0; k < E; ++k) f[u][k] = 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], f[u][k], acc[k]);
+      }
+      __syncwarp();
+    }
+    // the block's sum for heads g0 .., warps in a fixed order
+#pragma unroll
+    for (int k = 0; k < E; ++k) red_sm[warp * D + lane * E + k] = acc[k];
+    __syncthreads();
+    for (int i = threadIdx.x; i < HG * D; i += SANTA_THREADS) {
+      const int hg = i / D, dd = i % D;
+      if (g0 + hg >= G) continue;
+      float o = 0.f;
+      for (int w = 0; w < wt; ++w) o += red_sm[(hg * wt + w) * D + dd];
+      part_o[((bh0 + g0 + hg) * nsplit + split) * D + dd] = o;
     }
     __syncthreads();
-    // append the rows drawn by any head of the group to the list
-    for (int k = 0; k < tb - ta; ++k) {
-      const int r = threadIdx.x;
-      bool drawn = false;
-      for (int g = 0; g < G; ++g) drawn |= cnt_sm[(k * G + g) * SANTA_TILE + r] > 0;
-      const unsigned ballot = __ballot_sync(0xffffffffu, drawn);
-      if (lane == 0) wcount_sm[warp] = __popc(ballot);
-      __syncthreads();
-      int before = 0, E = 0;
-      for (int ww = 0; ww < SANTA_THREADS / 32; ++ww) { if (ww < warp) before += wcount_sm[ww]; E += wcount_sm[ww]; }
-      if (n_list + E > LCAP) {
-        flush_rows<T, D>(vstage, v, cache, b, kvh, list_pos, list_w, n_list, G, it, acc);
-        n_list = 0;
-      }
-      if (drawn) {
-        const int e = n_list + before + __popc(ballot & ((1u << lane) - 1u));
-        list_pos[e] = (ta + k) * SANTA_TILE + r;
-        for (int g = 0; g < G; ++g)
-          list_w[e * G + g] = row_weight(scheme, cnt_sm[(k * G + g) * SANTA_TILE + r], td_sm[(ta + k - t0) * G + g].fac);
-      }
-      n_list += E;
-      __syncthreads();
-    }
   }
-  cp_async_wait<0>();
-  flush_rows<T, D>(vstage, v, cache, b, kvh, list_pos, list_w, n_list, G, it, acc);
 
-  it.store(acc, reinterpret_cast<float*>(vstage), part_o + (bh0 * nsplit + split) * D, (long long)nsplit * D);
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
     const int g = i / D, d = i % D;

@@ -15,6 +15,7 @@ SCORE_STAGES = 4           # kernels_cu: SCORE_STAGES
 KEY_STAGES = 4             # kernels_cu: KEY_STAGES
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
+VALUE_WARPS = THREADS // 32   # kernels_cu: VALUE_WARPS
 
 _workspaces = {}
 _call_counters = {}
@@ -214,12 +215,12 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     # everything is prepared before the first launch, so the two kernels run back to back
     launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws)
     per_max = MAX_TILES_PER_VALUE_BLOCK
-    tpr = 1 if G >= 8 else 8 // G               # kernels_cu: tiles per round of santa_values
-    lcap = max(512, tpr * TILE)
-    smem2 = (4 * (3 * tpr * G * TILE + lcap * (1 + G)) + 2 * _stage_bytes(q.dtype, D)
-             + TILE_DRAWS_BYTES * G * per_max)
+    smem2 = 4 * VALUE_WARPS * (D + 4 * TILE) + TILE_DRAWS_BYTES * G * per_max   # kernels_cu: santa_values
     kern2 = _launch("santa_values", dt, D, smem2)
     n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, per_max)
+    if per2 > VALUE_WARPS:                      # whole rounds of tiles for the block's warps
+        per2 = min(per_max, -(-per2 // VALUE_WARPS) * VALUE_WARPS)
+        n2 = -(-int(buf["tiles_max"]) // per2)
     part_o = _workspace().get("part_o", B * H * n2 * D, cupy.float32)
     res, lse = _outputs(q, out, return_lse, geo)
     counts = cupy.zeros((B, H, geo.capacity), dtype=cupy.int32) if return_counts else None
