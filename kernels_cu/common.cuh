@@ -76,8 +76,8 @@ template <> struct Vec<f16_t> {
 };
 
 // Thread layout over one cache row of D elements: LPR lanes read CPL 16-byte chunks each.
-// Rows stream through shared memory in stages of R rows (8 KB of data) per operand.
-template <typename T, int D> struct Layout {
+// Rows stream through shared memory in stages of R rows (SB bytes of data) per operand.
+template <typename T, int D, int SB = 8192> struct Layout {
   static constexpr int VEC = Vec<T>::N;
   static constexpr int NCH = D / VEC;                  // 16-byte chunks per row
   static constexpr int LPR = NCH < 32 ? NCH : 32;      // lanes per row
@@ -85,7 +85,7 @@ template <typename T, int D> struct Layout {
   static constexpr int RPP = SANTA_THREADS / LPR;      // rows per pass of the block
   static constexpr int ROW_BYTES = D * (int)sizeof(T);
   static constexpr int ROW_STRIDE = ROW_BYTES + 16;   // padding: column reads hit distinct banks
-  static constexpr int R = 8192 / ROW_BYTES;           // rows per stage
+  static constexpr int R = SB / ROW_BYTES;             // rows per stage
   static constexpr int STAGE_BYTES = R * ROW_STRIDE;
   static constexpr int RPT = R / RPP;                  // rows per thread per stage
   static constexpr int CPT = R * NCH / SANTA_THREADS;  // 16-byte copies per thread per stage

@@ -25,10 +25,10 @@ __device__ void load_group_query(const T* q, int b, int kvh, int G, int q_heads,
 
 // Copy rows [pos0, pos0 + R) of one KV head into a shared-memory stage (cp.async, zero-filled
 // past `end` or on an out-of-range page); ok_sm[r] says whether row r is real.
-template <typename T, int D>
+template <typename T, int D, int SB>
 __device__ __forceinline__ void issue_stage(char* buf, unsigned char* ok_sm, const T* base, const Cache& cache,
                                             int b, int kvh, int pos0, int end) {
-  typedef Layout<T, D> L;
+  typedef Layout<T, D, SB> L;
 #pragma unroll
   for (int i = 0; i < L::CPT; ++i) {
     const int c = threadIdx.x + i * SANTA_THREADS, r = c / L::NCH, ch = c % L::NCH;
@@ -41,10 +41,10 @@ __device__ __forceinline__ void issue_stage(char* buf, unsigned char* ok_sm, con
 
 // Scores of the R rows of a stage for the G heads: s_out[g * stride + r] (-inf for rows that
 // are not real). Each lane keeps its chunks of RPT rows in registers and reads q once per head.
-template <typename T, int D>
+template <typename T, int D, int SB>
 __device__ __forceinline__ void stage_scores(const char* buf, const unsigned char* ok_sm, const float* q_sm,
                                              float* s_out, int stride, int G) {
-  typedef Layout<T, D> L;
+  typedef Layout<T, D, SB> L;
   const int lane_in_row = threadIdx.x % L::LPR, slot = threadIdx.x / L::LPR;
   float kf[L::RPT][L::CPL * L::VEC];
 #pragma unroll
@@ -98,10 +98,10 @@ __device__ void load_query_fragments(const T* q, int b, int kvh, int G, int q_he
 }
 
 // stage_scores on tensor cores: warp w computes the scores of tokens [8 n, 8 n + 8) for n = w, w + 8, ...
-template <typename T, int D>
+template <typename T, int D, int SB>
 __device__ __forceinline__ void stage_scores_mma(const char* buf, const unsigned char* ok_sm, const uint4* qf_sm,
                                                  float scale, float* s_out, int stride, int G) {
-  typedef Layout<T, D> L;
+  typedef Layout<T, D, SB> L;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
   for (int nt = warp; nt < L::R / 8; nt += SANTA_THREADS / 32) {
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -125,11 +125,11 @@ __device__ __forceinline__ void stage_scores_mma(const char* buf, const unsigned
 }
 
 // Scores of a stage: tensor cores for 16-bit types, CUDA cores (q_sm holds q * scale) for float.
-template <typename T, int D>
+template <typename T, int D, int SB>
 __device__ __forceinline__ void scores_of_stage(const char* buf, const unsigned char* ok_sm, const float* q_sm,
                                                 const uint4* qf_sm, float scale, float* s_out, int stride, int G) {
-  if constexpr (sizeof(T) == 2) stage_scores_mma<T, D>(buf, ok_sm, qf_sm, scale, s_out, stride, G);
-  else stage_scores<T, D>(buf, ok_sm, q_sm, s_out, stride, G);
+  if constexpr (sizeof(T) == 2) stage_scores_mma<T, D, SB>(buf, ok_sm, qf_sm, scale, s_out, stride, G);
+  else stage_scores<T, D, SB>(buf, ok_sm, q_sm, s_out, stride, G);
 }
 
 // (head, 16-byte chunk) items of the value accumulation, spread over the block; when there
@@ -204,13 +204,18 @@ __device__ __forceinline__ float sum_splits(const float* p, int nsplit, long lon
 // ============================================================================ exact decode
 // K and V rows stream through NSTAGE shared-memory stages; per stage: scores, an online-softmax
 // update per head, then p V accumulated from shared memory.
-#define EXACT_STAGES 3
+#ifndef EXACT_STAGES              // santa_cupy/_gpu.py mirrors these four
+#define EXACT_STAGES 2
+#endif
+#ifndef EXACT_STAGE_BYTES
+#define EXACT_STAGE_BYTES 16384
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
     const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
-  typedef Layout<T, D> L;
+  typedef Layout<T, D, EXACT_STAGE_BYTES> L;
   extern __shared__ __align__(16) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -246,8 +251,8 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
 #pragma unroll
   for (int s = 0; s < EXACT_STAGES - 1; ++s) {
     if (s < nst) {
-      issue_stage<T, D>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
-      issue_stage<T, D>(vbuf + s * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + s * L::R, end);
+      issue_stage<T, D, EXACT_STAGE_BYTES>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
+      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + s * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + s * L::R, end);
     }
     cp_async_commit();
   }
@@ -256,12 +261,12 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
     __syncthreads();
     const int nx = s + EXACT_STAGES - 1;
     if (nx < nst) {
-      issue_stage<T, D>(kbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, ok_sm[nx % EXACT_STAGES], k, cache, b, kvh, start + nx * L::R, end);
-      issue_stage<T, D>(vbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + nx * L::R, end);
+      issue_stage<T, D, EXACT_STAGE_BYTES>(kbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, ok_sm[nx % EXACT_STAGES], k, cache, b, kvh, start + nx * L::R, end);
+      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + nx * L::R, end);
     }
     cp_async_commit();
     const int cur = s % EXACT_STAGES;
-    scores_of_stage<T, D>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
+    scores_of_stage<T, D, EXACT_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
     __syncthreads();
     for (int g = warp; g < G; g += SANTA_THREADS / 32) {   // online softmax, one warp per head
       float* pg = p_sm + g * L::R;
@@ -385,7 +390,12 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
 }
 
 // ============================================================================ SANTA pass 1
+#ifndef SCORE_STAGES
 #define SCORE_STAGES 4
+#endif
+#ifndef SCORE_STAGE_BYTES
+#define SCORE_STAGE_BYTES 8192
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
@@ -393,7 +403,7 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
-  typedef Layout<T, D> L;
+  typedef Layout<T, D, SCORE_STAGE_BYTES> L;
   extern __shared__ __align__(16) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -416,7 +426,7 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
 
 #pragma unroll
   for (int s = 0; s < SCORE_STAGES - 1; ++s) {
-    if (s < nst) issue_stage<T, D>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
+    if (s < nst) issue_stage<T, D, SCORE_STAGE_BYTES>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
     cp_async_commit();
   }
   for (int s = 0; s < nst; ++s) {
@@ -424,11 +434,11 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
     __syncthreads();
     const int nx = s + SCORE_STAGES - 1;
     if (nx < nst)
-      issue_stage<T, D>(kbuf + (nx % SCORE_STAGES) * L::STAGE_BYTES, ok_sm[nx % SCORE_STAGES], k, cache, b, kvh,
+      issue_stage<T, D, SCORE_STAGE_BYTES>(kbuf + (nx % SCORE_STAGES) * L::STAGE_BYTES, ok_sm[nx % SCORE_STAGES], k, cache, b, kvh,
                         start + nx * L::R, end);
     cp_async_commit();
     const int cur = s % SCORE_STAGES;
-    scores_of_stage<T, D>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, s_sm + (s % SPT) * L::R,
+    scores_of_stage<T, D, SCORE_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, s_sm + (s % SPT) * L::R,
                           SANTA_TILE, G);
     if ((s + 1) % SPT && s + 1 < nst) continue;
     // a tile is complete: stash its scores and write its (max, sum) per head
@@ -520,6 +530,12 @@ template <typename T, int D> struct RowSlice {
 };
 
 #define VALUE_WARPS (SANTA_THREADS / 32)
+#ifndef VALUE_BLOCKS_PER_SM       // register budget: 65536 / (VALUE_BLOCKS_PER_SM x SANTA_THREADS)
+#define VALUE_BLOCKS_PER_SM 4
+#endif
+#ifndef VALUE_GATHER_FLOATS       // registers a lane gives to V rows in flight
+#define VALUE_GATHER_FLOATS 16
+#endif
 
 // Pass 2: warps work independently, one (tile, head) at a time. A warp reads the tile's stash,
 // scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per draw, not
@@ -527,7 +543,7 @@ template <typename T, int D> struct RowSlice {
 // output. Warps split the block's tiles (and, when there are fewer than 8 tiles, the heads); the
 // block sums its warps in a fixed order per head and the last block merges the splits.
 template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS, 4) santa_values(
+__global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(
     const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
     const float* stash, const float* stat_m, const float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch,
@@ -652,7 +668,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, 4) santa_values(
           w[i] = (float)n * d.fac;
         }
       }
-      // list the rows with weight, then gather them four at a time
+      // list the rows with weight, then gather them GB at a time
       int n = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -666,10 +682,11 @@ __global__ void __launch_bounds__(SANTA_THREADS, 4) santa_values(
         n += __popc(m);
       }
       __syncwarp();
-      for (int e0 = 0; e0 < n; e0 += 4) {
-        float f[4][E], wu[4];
+      constexpr int GB = VALUE_GATHER_FLOATS / E;
+      for (int e0 = 0; e0 < n; e0 += GB) {
+        float f[GB][E], wu[GB];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < GB; ++u) {
           const long long o = e0 + u < n ? cache.row(b, t * SANTA_TILE + list_row[e0 + u], kvh, D) : -1;
           wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
           if (o >= 0) RowSlice<T, D>::load(v + o, f[u]);
@@ -678,7 +695,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, 4) santa_values(
             for (int k = 0; k < E; ++k) f[u][k] = 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
+        for (int u = 0; u < GB; ++u)
 #pragma unroll
           for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], f[u][k], acc[k]);
       }

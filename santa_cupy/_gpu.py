@@ -9,10 +9,10 @@ THREADS = 256
 SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3, "dense": 4}
 KEY_GROUP_CODES = {"mean": 0, "head": 1}   # kernels_cu: KEY_GROUP_*
 NULL = numpy.uint64(0)
-STAGE_DATA_BYTES = 8192    # kernels_cu: Layout (rows per stage hold 8 KB, each row padded by 16 B)
-EXACT_STAGES = 3           # kernels_cu: EXACT_STAGES
-SCORE_STAGES = 4           # kernels_cu: SCORE_STAGES
-KEY_STAGES = 4             # kernels_cu: KEY_STAGES
+# kernels_cu: pipeline stages and the data bytes of each (a row-major stage pads each row by 16 B)
+EXACT_STAGES, EXACT_STAGE_BYTES = 2, 16384
+SCORE_STAGES, SCORE_STAGE_BYTES = 4, 8192
+KEY_STAGES, STAGE_DATA_BYTES = 4, 8192
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
 VALUE_WARPS = THREADS // 32   # kernels_cu: VALUE_WARPS
@@ -55,9 +55,9 @@ def _call_counter():
     return c
 
 
-def _stage_bytes(dtype, dim):
+def _stage_bytes(dtype, dim, data_bytes):
     row = dim * dtype.itemsize
-    return (STAGE_DATA_BYTES // row) * (row + 16)
+    return (data_bytes // row) * (row + 16)
 
 
 _smem_allowed = {}
@@ -147,8 +147,8 @@ def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
     tiles_max = -(-geo.capacity // TILE)
     pairs = geo.batch * geo.kv_heads
     ws = _workspace()
-    rows = STAGE_DATA_BYTES // (D * q.dtype.itemsize)
-    smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D) + 32 * D
+    rows = EXACT_STAGE_BYTES // (D * q.dtype.itemsize)
+    smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D, EXACT_STAGE_BYTES) + 32 * D
             + 4 * (geo.group * D + max(geo.group * rows, THREADS * vec)))
     kern = _launch("exact_decode", dt, D, smem)
     nsplit, per = _splits(tiles_max, pairs, kern, smem)
@@ -188,7 +188,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
     n_pow2 = 1 << max(0, (samples - 1).bit_length())
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
     if key_draws is None:
-        smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D) + 32 * D + 4 * G * (D + TILE), sort_bytes)
+        smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D, SCORE_STAGE_BYTES) + 32 * D + 4 * G * (D + TILE), sort_bytes)
         kern, extra = _launch("santa_scores", dt, D, smem), ()
     else:
         rows = STAGE_DATA_BYTES // (TILE * q.dtype.itemsize)      # kernels_cu: key_scores stage layout
