@@ -104,9 +104,18 @@ def _key_args(key_draws, key_scheme, key_group, names=("key_draws", "key_scheme"
         _checks.positive_int(names[0], key_draws)
 
 
+EXACT_BELOW_BYTES = 32 << 20
+"""Key bytes under which ``decode(..., dispatch='auto')`` computes exact attention (measured on an
+H200: README, Performance)."""
+
+
+def _exact_is_faster(geo, dtype):
+    return geo.batch * geo.capacity * geo.kv_heads * geo.dim * dtype.itemsize < EXACT_BELOW_BYTES
+
+
 def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, page_table=None,
            scale=None, out=None, return_lse=False, return_counts=False, key_draws=None,
-           key_scheme="stratified", key_group="mean", k_layout="standard", validate=True):
+           key_scheme="stratified", key_group="mean", k_layout="standard", dispatch="sample", validate=True):
     """Decode attention with the value stage estimated from ``samples`` sampled value rows.
 
     The scores ``s = q K^T * scale`` and ``p = softmax(s)`` are exact; ``p V`` is replaced by
@@ -161,6 +170,12 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
         (``v`` stays standard). On the GPU its token runs (``capacity``, or ``page_size`` for a
         paged cache) must be a multiple of 8 tokens for 16-bit types, 4 for float32; otherwise
         the reference runs.
+    dispatch : {'sample', 'auto'}
+        ``'auto'``: on the GPU, compute exact attention instead when the keys of the cache
+        (``batch * capacity * kv_heads * head_dim * itemsize``, ``capacity`` of a paged cache being
+        ``max_pages * page_size``) are under :data:`EXACT_BELOW_BYTES`: there, sampling's second
+        launch and its pass over the scores cost more than the value rows it does not read. Not
+        with ``return_counts`` or ``key_draws``, which need the draws. ``'sample'`` always samples.
     validate : bool
         Check values too: ``kv_lens`` range, page indices, NaN/Inf in ``q`` and in the cache rows
         within ``kv_lens``. On CuPy arrays this reads the whole cache and synchronises with the
@@ -176,6 +191,7 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     (q, k, k_view, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(
         q, k, v, kv_lens, page_table, out, k_layout)
     _checks.scheme_name("scheme", scheme)
+    _checks.scheme_name("dispatch", dispatch, ("sample", "auto"))
     _key_args(key_draws, key_scheme, key_group)
     path = _kernel_path(kind, q, k, geo, key_draws, k_layout)
     samples = _checks.positive_int("samples", samples, _checks.MAX_SAMPLES_GPU if path else None)
@@ -183,6 +199,10 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     _checks.output(out, q.shape, q.dtype, kind)
     if validate or kind == "numpy":
         _checks.values(q, k_view, v, kv_lens, page_table, geo)
+    if path == "standard" and dispatch == "auto" and not return_counts and _exact_is_faster(geo, q.dtype):
+        from . import _gpu
+        res, lse = _gpu.decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse)
+        return _returns(res, lse, [], back)
     if path:
         from . import _gpu
         keys = _key_codes(key_draws, key_scheme, key_group) if path == "feature_major" else None

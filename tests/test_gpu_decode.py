@@ -228,6 +228,19 @@ def test_bad_inputs_rejected_before_launch():
         sc.decode(**{**g, "k": g["k"].get()}, samples=8)
 
 
+def test_dispatch_auto_runs_exact_only_on_small_caches():
+    p = problem(21, 2, 8, 2, 64, 300, "bfloat16", lens=[300, 41])
+    g = to_gpu(p)
+    auto = sc.decode(**g, samples=16, seed=2, dispatch="auto")
+    assert (auto == sc.decode_exact(**g)).all()
+    o, counts = sc.decode(**g, samples=16, seed=2, dispatch="auto", return_counts=True)
+    assert (o == sc.decode(**g, samples=16, seed=2)).all() and int(counts.sum()) == 2 * 8 * 16
+    n = sc.EXACT_BELOW_BYTES // (2 * 64 * 2)        # one sequence whose keys reach the threshold
+    big = to_gpu(problem(22, 1, 8, 2, 64, n, "bfloat16", lens=[n]))
+    assert (sc.decode(**big, samples=16, seed=2, dispatch="auto", validate=False)
+            == sc.decode(**big, samples=16, seed=2, validate=False)).all()
+
+
 def test_reference_path_on_cupy_arrays():
     """CuPy inputs the kernels do not take (float64, ternary queries) run the reference on the GPU."""
     p = problem(14, 2, 8, 2, 48, 500, "float32", lens=[500, 77])

@@ -235,6 +235,18 @@ def test_unknown_scheme(scheme):
         sc.sample(numpy.ones(10), 4, scheme)
 
 
+@pytest.mark.parametrize("dispatch", ["exact", None, "AUTO"])
+def test_unknown_dispatch(dispatch):
+    with pytest.raises(ValueError, match="dispatch"):
+        sc.decode(samples=4, dispatch=dispatch, **base())
+
+
+def test_dispatch_auto_samples_on_the_reference():
+    """The reference (NumPy) path always samples: the rule is about GPU launch costs."""
+    numpy.testing.assert_array_equal(sc.decode(samples=4, seed=1, dispatch="auto", **base()),
+                                     sc.decode(samples=4, seed=1, **base()))
+
+
 @pytest.mark.parametrize("kw,exc,match", [
     (dict(key_draws=4, key_scheme="systematic"), ValueError, "key_scheme"),
     (dict(key_draws=4, key_scheme="tile"), ValueError, "key_scheme"),
