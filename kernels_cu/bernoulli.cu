@@ -5,7 +5,7 @@
 //                estimated queries. It then reads, for each 256-token tile, only the features some
 //                draw selected (each one contiguous run of tokens in this layout) and writes the
 //                stash and per-tile statistics exactly as santa_scores does, so santa_values runs
-//                unchanged on top (SANTA draws, or SCHEME_DENSE for exact p V).
+//                unchanged on top (SANTA draws), or stash_decode for exact p V.
 //                With key_draws = 0 the coefficients are the exact query and every feature is
 //                read: exact scores from a feature-major cache.
 #include "common.cuh"

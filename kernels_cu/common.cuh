@@ -15,7 +15,6 @@ typedef unsigned int u32;
 #define SCHEME_STRATIFIED 1
 #define SCHEME_SYSTEMATIC 2
 #define SCHEME_TILE 3
-#define SCHEME_DENSE 4          // exact p V over the stash: every row weighs its probability
 #define PURPOSE_VALUES 0
 #define PURPOSE_KEYS 1
 #define PURPOSE_GROUP_KEYS 2

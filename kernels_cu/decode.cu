@@ -3,14 +3,14 @@
 //   exact_decode    one launch: each block scores and accumulates a split of the sequence for
 //                   the whole query group of one KV head; the last block of a (batch, KV head)
 //                   merges the splits in a fixed order.
+//   stash_decode    the same p V over scores a SANTA pass 1 left in its stash (bernoulli.cu
+//                   writes them from a feature-major cache): exact p V on estimated scores.
 //   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and per-tile
 //                   (max, sum) statistics; the last block of a (batch, KV head) turns them into
 //                   the global CDF's tile offsets (and, for iid, the sorted draw positions).
 //   santa_values    launch 2: a warp per (tile, head) with draws finds the rows its draws land in
 //                   (the draw ranges of tiles come from closed forms: no per-tile budget rounding)
 //                   and gathers only those V rows; the last block merges the splits.
-//                   SCHEME_DENSE weighs every row by its probability instead: exact p V over the
-//                   stash (bernoulli.cu writes it from a feature-major cache).
 //
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
@@ -211,10 +211,12 @@ __device__ __forceinline__ float sum_splits(const float* p, int nsplit, long lon
 #define EXACT_STAGE_BYTES 16384
 #endif
 
-template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
-    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split,
-    float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
+// STASH: the scores are not computed from q and K but read from SANTA pass 1's stash (scaled,
+// -inf on rows that are not real); the K stages then hold the stash of the stage's rows.
+template <typename T, int D, bool STASH>
+__device__ __forceinline__ void exact_body(
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split, const float* stash,
+    int stash_stride, float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
   typedef Layout<T, D, EXACT_STAGE_BYTES> L;
   extern __shared__ __align__(16) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
@@ -233,8 +235,15 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
   const int start = min(len, split * tiles_per_split * SANTA_TILE);
   const int end = min(len, start + tiles_per_split * SANTA_TILE);
   const int nst = (end - start + L::R - 1) / L::R;
-  if constexpr (MMA) load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
-  else load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  if constexpr (STASH) {
+    if (offset_advance && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
+      atomicAdd(offset_advance, 1u);
+  } else if constexpr (MMA) {
+    load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
+  } else {
+    load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
+  }
   if (threadIdx.x < G) { m_run[threadIdx.x] = NEG_INF; l_run[threadIdx.x] = 0.f; }
   Items<T, D> it(G);
   float acc[L::IPT][L::VEC];                 // CUDA-core path: (head, chunk) items
@@ -248,25 +257,39 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
 #pragma unroll
   for (int j = 0; j < NDT; ++j) pacc[j][0] = pacc[j][1] = pacc[j][2] = pacc[j][3] = 0.f;
 
+  auto issue = [&](int s) {                  // stage s: its K rows (or stash) and V rows
+    char* kb = kbuf + (s % EXACT_STAGES) * L::STAGE_BYTES;
+    unsigned char* ok = ok_sm[s % EXACT_STAGES];
+    const int pos0 = start + s * L::R;
+    if constexpr (STASH) {
+      float* sb = reinterpret_cast<float*>(kb);                       // G x R scores
+      for (int c = threadIdx.x; c < G * (L::R / 4); c += SANTA_THREADS) {
+        const int g = c / (L::R / 4), r4 = (c % (L::R / 4)) * 4;
+        cp_async16(sb + g * L::R + r4, stash + (bh0 + g) * stash_stride + pos0 + r4, pos0 + r4 < end);
+      }
+      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + (s % EXACT_STAGES) * L::STAGE_BYTES, ok, v, cache, b, kvh, pos0, end);
+    } else {
+      issue_stage<T, D, EXACT_STAGE_BYTES>(kb, ok, k, cache, b, kvh, pos0, end);
+      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + (s % EXACT_STAGES) * L::STAGE_BYTES, nullptr, v, cache, b, kvh, pos0, end);
+    }
+  };
 #pragma unroll
   for (int s = 0; s < EXACT_STAGES - 1; ++s) {
-    if (s < nst) {
-      issue_stage<T, D, EXACT_STAGE_BYTES>(kbuf + s * L::STAGE_BYTES, ok_sm[s], k, cache, b, kvh, start + s * L::R, end);
-      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + s * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + s * L::R, end);
-    }
+    if (s < nst) issue(s);
     cp_async_commit();
   }
   for (int s = 0; s < nst; ++s) {
     cp_async_wait<EXACT_STAGES - 2>();
     __syncthreads();
-    const int nx = s + EXACT_STAGES - 1;
-    if (nx < nst) {
-      issue_stage<T, D, EXACT_STAGE_BYTES>(kbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, ok_sm[nx % EXACT_STAGES], k, cache, b, kvh, start + nx * L::R, end);
-      issue_stage<T, D, EXACT_STAGE_BYTES>(vbuf + (nx % EXACT_STAGES) * L::STAGE_BYTES, nullptr, v, cache, b, kvh, start + nx * L::R, end);
-    }
+    if (s + EXACT_STAGES - 1 < nst) issue(s + EXACT_STAGES - 1);
     cp_async_commit();
     const int cur = s % EXACT_STAGES;
-    scores_of_stage<T, D, EXACT_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
+    if constexpr (STASH) {
+      const float* sb = reinterpret_cast<const float*>(kbuf + cur * L::STAGE_BYTES);
+      for (int i = threadIdx.x; i < G * L::R; i += SANTA_THREADS) p_sm[i] = ok_sm[cur][i % L::R] ? sb[i] : NEG_INF;
+    } else {
+      scores_of_stage<T, D, EXACT_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
+    }
     __syncthreads();
     for (int g = warp; g < G; g += SANTA_THREADS / 32) {   // online softmax, one warp per head
       float* pg = p_sm + g * L::R;
@@ -328,7 +351,6 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
   cp_async_wait<0>();
 
   // partial (unnormalised output, running max and sum) of this split
-  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   if constexpr (MMA) {
 #pragma unroll
     for (int j = 0; j < NDT; ++j) {
@@ -387,6 +409,26 @@ __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
     for (; s < nsplit; ++s) o = fmaf(__ldcg(ml + 2 * s), __ldcg(po + (long long)s * D), o);
     out[(bh0 + g) * D + d] = from_float<T>(o);
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split,
+    float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
+  exact_body<T, D, false>(q, k, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
+                          q_heads, scale, tiles_per_split, nullptr, 0, part_o, part_ml, counters, out, lse_out,
+                          nullptr);
+}
+
+// Exact p V over the scores a SANTA pass 1 left in the stash (ternary-query scores, or a
+// feature-major cache's exact scores).
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
+    const T* v, CACHE_ARGS, int tiles_per_split, const float* stash, int stash_stride,
+    float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
+  exact_body<T, D, true>(nullptr, nullptr, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity,
+                         kv_heads, q_heads, 1.f, tiles_per_split, stash, stash_stride, part_o, part_ml, counters,
+                         out, lse_out, offset_advance);
 }
 
 // ============================================================================ SANTA pass 1
@@ -493,7 +535,7 @@ __device__ __forceinline__ int draws_below(int scheme, double x, int S, double U
 // weights exp(s - ref).
 struct TileDraws {
   double base, mass, U;
-  float ref, fac;            // fac: weight of one draw (SCHEME_DENSE: 1 / Z, a row weighs its probability)
+  float ref, fac;            // fac: weight of one draw
   int lo, hi;
 };
 
@@ -584,10 +626,6 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
       d.fac = Z > 0.0 ? (float)(W / (Z * budget)) : 0.f;
       d.ref = mt; d.base = 0.0; d.mass = lt;
       d.U = st.uniform(b, h, PURPOSE_VALUES, off, t);
-    } else if (scheme == SCHEME_DENSE) {
-      const float mt = stat_m[(bh0 + g) * tiles_max + t];
-      d.lo = 0; d.hi = mt == NEG_INF || !(Z > 0.0) ? 0 : 1;
-      d.fac = Z > 0.0 ? (float)(1.0 / Z) : 0.f; d.ref = plan_M[bh0 + g]; d.base = 0.0; d.mass = Z; d.U = 0.0;
     } else {
       const double* P = plan_P + (bh0 + g) * (tiles_max + 1);
       const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
@@ -634,39 +672,35 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
         run += w[i];
         c[i] = run;
       }
-      if (scheme == SCHEME_DENSE) {
+      // the tile's CDF edges (scanned weights), then each draw's row
+      const float before = warp_inclusive_scan(run) - run;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) w[i] *= d.fac;
-      } else {
-        const float before = warp_inclusive_scan(run) - run;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) edge[lane * 8 + i] = c[i] + before;
-        __syncwarp();
-        const float last = edge[rows - 1];
-        const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
-        for (int j = d.lo + lane; j < d.hi; j += 32) {
-          double u;
-          if (scheme == SCHEME_IID) u = __ldg(plan_pos + (bh0 + g) * S + j);
-          else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
-          else u = ((double)j + d.U) * inv_s;
-          const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
-          // the first row whose upper edge passes x; at the total, the last row with weight
-          int lo = 0, hi = rows - 1;
-          while (lo < hi) {
-            const int mid = (lo + hi) >> 1;
-            const float e = edge[mid];
-            if (x < last ? e > x : e >= last) hi = mid; else lo = mid + 1;
-          }
-          atomicAdd(cnt + lo, 1);
+      for (int i = 0; i < 8; ++i) edge[lane * 8 + i] = c[i] + before;
+      __syncwarp();
+      const float last = edge[rows - 1];
+      const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
+      for (int j = d.lo + lane; j < d.hi; j += 32) {
+        double u;
+        if (scheme == SCHEME_IID) u = __ldg(plan_pos + (bh0 + g) * S + j);
+        else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
+        else u = ((double)j + d.U) * inv_s;
+        const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
+        // the first row whose upper edge passes x; at the total, the last row with weight
+        int lo = 0, hi = rows - 1;
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          const float e = edge[mid];
+          if (x < last ? e > x : e >= last) hi = mid; else lo = mid + 1;
         }
-        __syncwarp();
+        atomicAdd(cnt + lo, 1);
+      }
+      __syncwarp();
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int r = lane * 8 + i, n = cnt[r];
-          cnt[r] = 0;
-          if (counts_out && r < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + r] = n;
-          w[i] = (float)n * d.fac;
-        }
+      for (int i = 0; i < 8; ++i) {
+        const int r = lane * 8 + i, n = cnt[r];
+        cnt[r] = 0;
+        if (counts_out && r < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + r] = n;
+        w[i] = (float)n * d.fac;
       }
       // list the rows with weight, then gather them GB at a time
       int n = 0;

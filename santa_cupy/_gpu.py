@@ -6,7 +6,7 @@ from . import _kernels, rng
 from .reference import TILE
 
 THREADS = 256
-SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3, "dense": 4}
+SCHEME_CODES = {"iid": 0, "stratified": 1, "systematic": 2, "tile": 3}
 KEY_GROUP_CODES = {"mean": 0, "head": 1}   # kernels_cu: KEY_GROUP_*
 NULL = numpy.uint64(0)
 # kernels_cu: pipeline stages and the data bytes of each (a row-major stage pads each row by 16 B)
@@ -139,9 +139,9 @@ def _outputs(q, out, return_lse, geo):
     return res, lse
 
 
-def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
-    q = cupy.ascontiguousarray(q)
-    k, v = _contiguous("k", k), _contiguous("v", v)
+def _exact_pass(name, q, geo, out, return_lse, args):
+    """Launch ``exact_decode`` or ``stash_decode`` (split-KV p V, splits merged by the last block);
+    ``args(per, part_o, part_ml, counters, out, lse)`` gives the kernel's arguments."""
     dt, D = q.dtype.name, geo.dim
     vec = 16 // q.dtype.itemsize
     tiles_max = -(-geo.capacity // TILE)
@@ -150,18 +150,35 @@ def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
     rows = EXACT_STAGE_BYTES // (D * q.dtype.itemsize)
     smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D, EXACT_STAGE_BYTES) + 32 * D
             + 4 * (geo.group * D + max(geo.group * rows, THREADS * vec)))
-    kern = _launch("exact_decode", dt, D, smem)
+    kern = _launch(name, dt, D, smem)
     nsplit, per = _splits(tiles_max, pairs, kern, smem)
     part_o = ws.get("part_o", geo.batch * geo.q_heads * nsplit * D, cupy.float32)
     part_ml = ws.get("part_ml", geo.batch * geo.q_heads * nsplit * 2, cupy.float32)
     counters = ws.get("exact_counters", pairs, cupy.int32, zero=True)
     res, lse = _outputs(q, out, return_lse, geo)
-    kern(
-        (nsplit, geo.kv_heads, geo.batch), (THREADS,),
-        (q, k, v, *_cache_args(k, kv_lens, page_table, geo), numpy.float32(scale), numpy.int32(per),
-         part_o, part_ml, counters, res, NULL if lse is None else lse),
-        shared_mem=smem)
+    kern((nsplit, geo.kv_heads, geo.batch), (THREADS,),
+         args(numpy.int32(per), part_o, part_ml, counters, res, NULL if lse is None else lse), shared_mem=smem)
     return res, lse
+
+
+def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
+    q = cupy.ascontiguousarray(q)
+    k, v = _contiguous("k", k), _contiguous("v", v)
+    cache = _cache_args(k, kv_lens, page_table, geo)
+    return _exact_pass("exact_decode", q, geo, out, return_lse,
+                       lambda per, *outs: (q, k, v, *cache, numpy.float32(scale), per, *outs))
+
+
+def decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, return_lse, key_draws):
+    """Exact p V over the scores ``key_scores`` writes from a feature-major cache (``key_draws``:
+    see :func:`_score_pass`), in two launches."""
+    q = cupy.ascontiguousarray(q)
+    k, v = _contiguous("k", k), _contiguous("v", v)
+    cache = _cache_args(k, kv_lens, page_table, geo)
+    launch1, buf = _score_pass(q, k, cache, geo, scale, 1, "systematic", seed, key_draws)
+    launch1()
+    return _exact_pass("stash_decode", q, geo, out, return_lse,
+                       lambda per, *outs: (v, *cache, per, buf["stash"], buf["stride"], *outs, buf["advance"]))
 
 
 def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
@@ -205,8 +222,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
 
 def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts,
            key_draws=None):
-    """SANTA decode (``scheme='dense'``: exact p V over the same scores) in two launches.
-    ``key_draws``: see :func:`_score_pass`."""
+    """SANTA decode in two launches. ``key_draws``: see :func:`_score_pass`."""
     q = cupy.ascontiguousarray(q)
     k, v = _contiguous("k", k), _contiguous("v", v)
     dt, D = q.dtype.name, geo.dim

@@ -253,8 +253,8 @@ def decode_exact(q, k, v, kv_lens=None, page_table=None, scale=None, out=None, r
         res, lse = _gpu.decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse)
     elif path:
         from . import _gpu
-        res, lse, _ = _gpu.decode(q, k, v, kv_lens, page_table, geo, scale, 1, "dense", seed, out,
-                                  return_lse, False, _key_codes(key_draws, key_scheme, key_group))
+        res, lse = _gpu.decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, return_lse,
+                                            _key_codes(key_draws, key_scheme, key_group))
     else:
         plan = rng.resolve_seed(seed, geo.batch)
         qq, K, V, lens = _reference_inputs(q, k_view, v, kv_lens, page_table, key_draws, key_scheme,
