@@ -582,8 +582,8 @@ template <typename T, int D> struct RowSlice {
 // Pass 2: warps work independently, one (tile, head) at a time. A warp reads the tile's stash,
 // scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per draw, not
 // per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of the head's
-// output. Warps split the block's tiles (and, when there are fewer than 8 tiles, the heads); the
-// block sums its warps in a fixed order per head and the last block merges the splits.
+// output. Warps split the heads of the group, then the block's tiles; the block sums its warps
+// in a fixed order per head and the last block merges the splits.
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(
     const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
