@@ -394,7 +394,8 @@ def _environment(methods):
         except Exception as exc:
             notes["flashinfer"] = _err(exc)
     try:
-        versions["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        # "-dirty": the tree that ran is not the commit named
+        versions["git"] = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                                          text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "none"
     except Exception:
         pass
