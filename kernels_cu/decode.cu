@@ -2,12 +2,14 @@
 //
 //   exact_decode    one launch: each block scores and accumulates a split of the sequence for
 //                   the whole query group of one KV head; the last block of a (batch, KV head)
-//                   merges the splits in a fixed order.
+//                   merges the splits in a fixed order. 16-bit caches: every warp streams its
+//                   own rows and keeps its own softmax (warp_pipe.cuh); float32: block stages.
 //   stash_decode    the same p V over scores a SANTA pass 1 left in its stash (bernoulli.cu
 //                   writes them from a feature-major cache): exact p V on estimated scores.
-//   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and per-tile
-//                   (max, sum) statistics; the last block of a (batch, KV head) turns them into
-//                   the global CDF's tile offsets (and, for iid, the sorted draw positions).
+//   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and (max, sum)
+//                   statistics per tile (per 64-row part of a tile on 16-bit caches); the last
+//                   block of a (batch, KV head) turns them into the global CDF's tile offsets
+//                   (and, for iid, the sorted draw positions).
 //   santa_values    launch 2: a warp per (tile, head) with draws finds the rows its draws land in
 //                   (the draw ranges of tiles come from closed forms: no per-tile budget rounding)
 //                   and gathers only those V rows; the last block merges the splits.
@@ -15,6 +17,7 @@
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
 #include "plan.cuh"
+#include "warp_pipe.cuh"
 
 // q (batch, q_heads, D) of one query group, times scale, into shared memory.
 template <typename T, int D>
@@ -80,56 +83,6 @@ __device__ __forceinline__ void stage_scores(const char* buf, const unsigned cha
       if (lane_in_row == 0) s_out[g * stride + r] = ok_sm[r] ? acc[j] : NEG_INF;
     }
   }
-}
-
-// Tensor-core A fragments of the (up to 16) query heads of a group, one uint4 per (k-step, lane):
-// rows are heads (zero past G), columns head dimensions. Unscaled: the scale multiplies scores.
-template <typename T, int D>
-__device__ void load_query_fragments(const T* q, int b, int kvh, int G, int q_heads, uint4* qf_sm) {
-  const T* src = q + ((long long)b * q_heads + (long long)kvh * G) * D;
-  for (int i = threadIdx.x; i < (D / 16) * 32; i += SANTA_THREADS) {
-    const int ks = i / 32, lane = i % 32, g = lane >> 2, c = ks * 16 + (lane & 3) * 2;
-    auto pair = [&](int h, int col) -> u32 {
-      if (h >= G) return 0u;
-      return (u32)src[h * D + col].x | ((u32)src[h * D + col + 1].x << 16);
-    };
-    qf_sm[i] = make_uint4(pair(g, c), pair(g + 8, c), pair(g, c + 8), pair(g + 8, c + 8));
-  }
-}
-
-// stage_scores on tensor cores: warp w computes the scores of tokens [8 n, 8 n + 8) for n = w, w + 8, ...
-template <typename T, int D, int SB>
-__device__ __forceinline__ void stage_scores_mma(const char* buf, const unsigned char* ok_sm, const uint4* qf_sm,
-                                                 float scale, float* s_out, int stride, int G) {
-  typedef Layout<T, D, SB> L;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
-  for (int nt = warp; nt < L::R / 8; nt += SANTA_THREADS / 32) {
-    float c[4] = {0.f, 0.f, 0.f, 0.f};
-    const char* row = buf + (nt * 8 + grp) * L::ROW_STRIDE + tig * 4;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const u32 b0 = *reinterpret_cast<const u32*>(row + ks * 32);
-      const u32 b1 = *reinterpret_cast<const u32*>(row + ks * 32 + 16);
-      mma16816<T>(c, qf_sm[ks * 32 + lane], b0, b1);
-    }
-    const int tok = nt * 8 + tig * 2;
-    if (grp < G) {
-      s_out[grp * stride + tok] = ok_sm[tok] ? c[0] * scale : NEG_INF;
-      s_out[grp * stride + tok + 1] = ok_sm[tok + 1] ? c[1] * scale : NEG_INF;
-    }
-    if (grp + 8 < G) {
-      s_out[(grp + 8) * stride + tok] = ok_sm[tok] ? c[2] * scale : NEG_INF;
-      s_out[(grp + 8) * stride + tok + 1] = ok_sm[tok + 1] ? c[3] * scale : NEG_INF;
-    }
-  }
-}
-
-// Scores of a stage: tensor cores for 16-bit types, CUDA cores (q_sm holds q * scale) for float.
-template <typename T, int D, int SB>
-__device__ __forceinline__ void scores_of_stage(const char* buf, const unsigned char* ok_sm, const float* q_sm,
-                                                const uint4* qf_sm, float scale, float* s_out, int stride, int G) {
-  if constexpr (sizeof(T) == 2) stage_scores_mma<T, D, SB>(buf, ok_sm, qf_sm, scale, s_out, stride, G);
-  else stage_scores<T, D, SB>(buf, ok_sm, q_sm, s_out, stride, G);
 }
 
 // (head, 16-byte chunk) items of the value accumulation, spread over the block; when there
@@ -201,9 +154,53 @@ __device__ __forceinline__ float sum_splits(const float* p, int nsplit, long lon
   return o;
 }
 
+// The last block of a (batch, KV head): merge the splits' partials (unnormalised output, running
+// max and sum) in split order.
+template <typename T, int D>
+__device__ void merge_exact_splits(long long bh0, int G, int nsplit, const float* part_o, float* part_ml,
+                                   T* out, float* lse_out) {
+  // each split's weight exp(m_s - m) / l replaces its sum in part_ml
+  __shared__ float m_all[SANTA_GMAX], inv_l[SANTA_GMAX];
+  if (threadIdx.x < G) {
+    const float* ml = part_ml + (bh0 + threadIdx.x) * nsplit * 2;
+    float m = NEG_INF;
+    for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(ml + 2 * s));
+    float l = 0.f;
+    if (m != NEG_INF)
+      for (int s = 0; s < nsplit; ++s) l += __expf(__ldcg(ml + 2 * s) - m) * __ldcg(ml + 2 * s + 1);
+    m_all[threadIdx.x] = m;
+    inv_l[threadIdx.x] = l > 0.f ? 1.f / l : 0.f;
+    if (lse_out) lse_out[bh0 + threadIdx.x] = l > 0.f ? m + __logf(l) : NEG_INF;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
+    const int g = i / nsplit, s = i % nsplit;
+    float* ml = part_ml + ((bh0 + g) * nsplit + s) * 2;
+    ml[1] = m_all[g] == NEG_INF ? 0.f : __expf(__ldcg(ml) - m_all[g]) * inv_l[g];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D, d = i % D;
+    const float* po = part_o + (bh0 + g) * nsplit * D + d;
+    const float* ml = part_ml + (bh0 + g) * nsplit * 2 + 1;
+    float o = 0.f;
+    int s = 0;
+    for (; s + 8 <= nsplit; s += 8) {
+      float x[8], w[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) { x[u] = __ldcg(po + (long long)(s + u) * D); w[u] = __ldcg(ml + 2 * (s + u)); }
+#pragma unroll
+      for (int u = 0; u < 8; ++u) o = fmaf(w[u], x[u], o);
+    }
+    for (; s < nsplit; ++s) o = fmaf(__ldcg(ml + 2 * s), __ldcg(po + (long long)s * D), o);
+    out[(bh0 + g) * D + d] = from_float<T>(o);
+  }
+}
+
 // ============================================================================ exact decode
-// K and V rows stream through NSTAGE shared-memory stages; per stage: scores, an online-softmax
-// update per head, then p V accumulated from shared memory.
+// Block pipeline (float32 caches, and the stash path of every type): K and V rows stream through
+// EXACT_STAGES shared-memory stages; per stage: scores, an online-softmax update per head, then
+// p V accumulated from shared memory (on tensor cores for 16-bit types).
 #ifndef EXACT_STAGES              // santa_cupy/_gpu.py mirrors these four
 #define EXACT_STAGES 2
 #endif
@@ -215,32 +212,30 @@ __device__ __forceinline__ float sum_splits(const float* p, int nsplit, long lon
 // -inf on rows that are not real); the K stages then hold the stash of the stage's rows.
 template <typename T, int D, bool STASH>
 __device__ __forceinline__ void exact_body(
-    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split, const float* stash,
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split, const float* stash,
     int stash_stride, float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
   typedef Layout<T, D, EXACT_STAGE_BYTES> L;
+  static_assert(STASH || sizeof(T) == 4, "16-bit caches score in exact_body_pipelined");
   extern __shared__ __align__(16) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr bool MMA = sizeof(T) == 2;
   char* kbuf = smem_raw;                                             // EXACT_STAGES x STAGE_BYTES
   char* vbuf = kbuf + EXACT_STAGES * L::STAGE_BYTES;                 // EXACT_STAGES x STAGE_BYTES
-  uint4* qf_sm = reinterpret_cast<uint4*>(vbuf + EXACT_STAGES * L::STAGE_BYTES);  // (D / 16) x 32
-  float* q_sm = reinterpret_cast<float*>(qf_sm + (D / 16) * 32);     // G x D
+  float* q_sm = reinterpret_cast<float*>(vbuf + EXACT_STAGES * L::STAGE_BYTES);  // G x D
   float* p_sm = q_sm + G * D;                                        // G x R, later the phase reduction
   __shared__ unsigned char ok_sm[EXACT_STAGES][L::R];
   __shared__ float m_run[SANTA_GMAX], l_run[SANTA_GMAX], alpha[SANTA_GMAX];
   __shared__ int flag;
   MAKE_CACHE;
   const int len = clamp_len(kv_lens, b, capacity);
-  const int start = min(len, split * tiles_per_split * SANTA_TILE);
-  const int end = min(len, start + tiles_per_split * SANTA_TILE);
+  const int start = min(len, split * rows_per_split);
+  const int end = min(len, start + rows_per_split);
   const int nst = (end - start + L::R - 1) / L::R;
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   if constexpr (STASH) {
     if (offset_advance && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
       atomicAdd(offset_advance, 1u);
-  } else if constexpr (MMA) {
-    load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
   } else {
     load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
   }
@@ -288,7 +283,7 @@ __device__ __forceinline__ void exact_body(
       const float* sb = reinterpret_cast<const float*>(kbuf + cur * L::STAGE_BYTES);
       for (int i = threadIdx.x; i < G * L::R; i += SANTA_THREADS) p_sm[i] = ok_sm[cur][i % L::R] ? sb[i] : NEG_INF;
     } else {
-      scores_of_stage<T, D, EXACT_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, p_sm, L::R, G);
+      stage_scores<T, D, EXACT_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, p_sm, L::R, G);
     }
     __syncthreads();
     for (int g = warp; g < G; g += SANTA_THREADS / 32) {   // online softmax, one warp per head
@@ -371,63 +366,154 @@ __device__ __forceinline__ void exact_body(
     part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2] = m_run[threadIdx.x];
     part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2 + 1] = l_run[threadIdx.x];
   }
-  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-
-  // merge the splits in order; each split's weight exp(m_s - m) / l replaces its sum in part_ml
-  __shared__ float m_all[SANTA_GMAX], inv_l[SANTA_GMAX];
-  if (threadIdx.x < G) {
-    const float* ml = part_ml + (bh0 + threadIdx.x) * nsplit * 2;
-    float m = NEG_INF;
-    for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(ml + 2 * s));
-    float l = 0.f;
-    if (m != NEG_INF)
-      for (int s = 0; s < nsplit; ++s) l += __expf(__ldcg(ml + 2 * s) - m) * __ldcg(ml + 2 * s + 1);
-    m_all[threadIdx.x] = m;
-    inv_l[threadIdx.x] = l > 0.f ? 1.f / l : 0.f;
-    if (lse_out) lse_out[bh0 + threadIdx.x] = l > 0.f ? m + __logf(l) : NEG_INF;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * nsplit; i += SANTA_THREADS) {
-    const int g = i / nsplit, s = i % nsplit;
-    float* ml = part_ml + ((bh0 + g) * nsplit + s) * 2;
-    ml[1] = m_all[g] == NEG_INF ? 0.f : __expf(__ldcg(ml) - m_all[g]) * inv_l[g];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
-    const int g = i / D, d = i % D;
-    const float* po = part_o + (bh0 + g) * nsplit * D + d;
-    const float* ml = part_ml + (bh0 + g) * nsplit * 2 + 1;
-    float o = 0.f;
-    int s = 0;
-    for (; s + 8 <= nsplit; s += 8) {
-      float x[8], w[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) { x[u] = __ldcg(po + (long long)(s + u) * D); w[u] = __ldcg(ml + 2 * (s + u)); }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) o = fmaf(w[u], x[u], o);
-    }
-    for (; s < nsplit; ++s) o = fmaf(__ldcg(ml + 2 * s), __ldcg(po + (long long)s * D), o);
-    out[(bh0 + g) * D + d] = from_float<T>(o);
-  }
+  if (last_block_done(counters, b * kv_heads + kvh, nsplit, &flag))
+    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, out, lse_out);
 }
 
+// Exact decode of a 16-bit cache (FlashDecoding): each warp keeps its own online softmax over
+// its own chunks of the block's split (chunks warp, warp + W, ...), in log2 units. The
+// scores never leave registers: the two 16 x 8 score tiles of a chunk are, rounded to T, the A
+// fragment of p V. The block merges its warps, then the last block merges the splits.
+template <typename T, int D>
+__device__ __forceinline__ void exact_body_pipelined(
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split,
+    float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
+  typedef Chunk<T, D> C;
+  constexpr int W = exact_pipe_warps<D>(), NS = EXACT_PIPE_STAGES;
+  extern __shared__ __align__(16) char smem_raw[];
+  __shared__ u32 mask_sm[W][NS];
+  __shared__ int flag;
+  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
+  const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
+  char* ring = smem_raw + warp * NS * 2 * C::BYTES;                  // NS stages of (K, V)
+  MAKE_CACHE;
+  const int len = clamp_len(kv_lens, b, capacity);
+  const int start = min(len, split * rows_per_split);
+  const int end = min(len, start + rows_per_split);
+  const int chunks = (end - start + CHUNK_ROWS - 1) / CHUNK_ROWS;
+  const int mine = chunks > warp ? (chunks - warp + W - 1) / W : 0;
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  uint4 qf[D / 16];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) qf[ks] = query_fragment<T, D>(q + bh0 * D, G, ks, lane);
+  const float scale2 = scale * LOG2E;
+  float o[D / 8][4];
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8; l per lane
+
+  auto issue = [&](int i) {                 // the warp's i-th chunk
+    char* st = ring + (i % NS) * 2 * C::BYTES;
+    const u32 mask = issue_chunk<T, D>(st, k, st + C::BYTES, v, cache, b, kvh,
+                                       start + (warp + i * W) * CHUNK_ROWS, end);
+    if (lane == 0) mask_sm[warp][i % NS] = mask;
+  };
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < mine) issue(i);
+    cp_async_commit();
+  }
+  for (int i = 0; i < mine; ++i) {
+    cp_async_wait<NS - 2>();
+    __syncwarp();                           // the chunk has landed; the previous stage is free
+    if (i + NS - 1 < mine) issue(i + NS - 1);
+    cp_async_commit();
+    const char* kst = ring + (i % NS) * 2 * C::BYTES;
+    const u32 mask = mask_sm[warp][i % NS];
+    float c[2][4];
+    chunk_dots<T, D>(kst, qf, c);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[nt][e] = (mask >> (nt * 8 + tig * 2 + (e & 1))) & 1u ? c[nt][e] * scale2 : NEG_INF;
+    const float mn_lo = fmaxf(m_lo, quad_max(fmaxf(fmaxf(c[0][0], c[0][1]), fmaxf(c[1][0], c[1][1]))));
+    const float mn_hi = fmaxf(m_hi, quad_max(fmaxf(fmaxf(c[0][2], c[0][3]), fmaxf(c[1][2], c[1][3]))));
+    const float ref_lo = mn_lo == NEG_INF ? 0.f : mn_lo, ref_hi = mn_hi == NEG_INF ? 0.f : mn_hi;
+    const float a_lo = fast_exp2(m_lo - ref_lo), a_hi = fast_exp2(m_hi - ref_hi);
+    m_lo = mn_lo; m_hi = mn_hi;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      c[nt][0] = fast_exp2(c[nt][0] - ref_lo); c[nt][1] = fast_exp2(c[nt][1] - ref_lo);
+      c[nt][2] = fast_exp2(c[nt][2] - ref_hi); c[nt][3] = fast_exp2(c[nt][3] - ref_hi);
+    }
+    l_lo = l_lo * a_lo + (c[0][0] + c[0][1]) + (c[1][0] + c[1][1]);
+    l_hi = l_hi * a_hi + (c[0][2] + c[0][3]) + (c[1][2] + c[1][3]);
+    const uint4 pa = make_uint4(pack2<T>(c[0][0], c[0][1]), pack2<T>(c[0][2], c[0][3]),
+                                pack2<T>(c[1][0], c[1][1]), pack2<T>(c[1][2], c[1][3]));
+    // p V: ldmatrix x4 (transposed) gives the B fragments of dims [8 j, 8 j + 16) over the 16 rows
+    const char* vrow = kst + C::BYTES + (lane & 15) * C::ROW_STRIDE + (lane >> 4) * 16;
+#pragma unroll
+    for (int j = 0; j < D / 8; j += 2) {
+      o[j][0] *= a_lo; o[j][1] *= a_lo; o[j][2] *= a_hi; o[j][3] *= a_hi;
+      o[j + 1][0] *= a_lo; o[j + 1][1] *= a_lo; o[j + 1][2] *= a_hi; o[j + 1][3] *= a_hi;
+      u32 vb[4];
+      ldmatrix_x4_trans(vb, vrow + j * 16);
+      mma16816<T>(o[j], pa, vb[0], vb[1]);
+      mma16816<T>(o[j + 1], pa, vb[2], vb[3]);
+    }
+  }
+  cp_async_wait<0>();
+  l_lo = quad_sum(l_lo); l_hi = quad_sum(l_hi);
+
+  // the block's partial: warps merged in a fixed order (the rings are free now)
+  __syncthreads();
+  float* wo = reinterpret_cast<float*>(smem_raw);                    // W x G x D
+  float* wm = wo + W * G * D;                                        // W x G
+  float* wl = wm + W * G;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const int d = j * 8 + tig * 2;
+    if (grp < G) { wo[(warp * G + grp) * D + d] = o[j][0]; wo[(warp * G + grp) * D + d + 1] = o[j][1]; }
+    if (grp + 8 < G) { wo[(warp * G + grp + 8) * D + d] = o[j][2]; wo[(warp * G + grp + 8) * D + d + 1] = o[j][3]; }
+  }
+  if (tig == 0 && grp < G) { wm[warp * G + grp] = m_lo; wl[warp * G + grp] = l_lo; }
+  if (tig == 0 && grp + 8 < G) { wm[warp * G + grp + 8] = m_hi; wl[warp * G + grp + 8] = l_hi; }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * (D + 1); i += W * 32) {
+    const int g = i / (D + 1), d = i % (D + 1);               // d == D: the (max, sum) pair
+    float mx = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mx = fmaxf(mx, wm[w * G + g]);
+    const float ref = mx == NEG_INF ? 0.f : mx;
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+      acc += fast_exp2(wm[w * G + g] - ref) * (d < D ? wo[(w * G + g) * D + d] : wl[w * G + g]);
+    if (d < D) {
+      part_o[((bh0 + g) * nsplit + split) * D + d] = acc;
+    } else {
+      part_ml[((bh0 + g) * nsplit + split) * 2] = mx * LN2;            // natural-log units from here on
+      part_ml[((bh0 + g) * nsplit + split) * 2 + 1] = acc;
+    }
+  }
+  if (last_block_done(counters, b * kv_heads + kvh, nsplit, &flag))
+    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, out, lse_out);
+}
+
+// 16-bit caches run the per-warp pipelines (exact_pipe_warps x 32 threads per block), float32 the
+// block pipeline (SANTA_THREADS per block); rows_per_split is a multiple of CHUNK_ROWS, resp. of
+// the stage rows.
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
-    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int tiles_per_split,
+    const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
-  exact_body<T, D, false>(q, k, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
-                          q_heads, scale, tiles_per_split, nullptr, 0, part_o, part_ml, counters, out, lse_out,
-                          nullptr);
+  if constexpr (sizeof(T) == 2)
+    exact_body_pipelined<T, D>(q, k, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
+                               q_heads, scale, rows_per_split, part_o, part_ml, counters, out, lse_out);
+  else
+    exact_body<T, D, false>(q, k, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
+                            q_heads, scale, rows_per_split, nullptr, 0, part_o, part_ml, counters, out, lse_out,
+                            nullptr);
 }
 
 // Exact p V over the scores a SANTA pass 1 left in the stash (ternary-query scores, or a
 // feature-major cache's exact scores).
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
-    const T* v, CACHE_ARGS, int tiles_per_split, const float* stash, int stash_stride,
+    const T* v, CACHE_ARGS, int rows_per_split, const float* stash, int stash_stride,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
   exact_body<T, D, true>(nullptr, nullptr, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity,
-                         kv_heads, q_heads, 1.f, tiles_per_split, stash, stash_stride, part_o, part_ml, counters,
+                         kv_heads, q_heads, 1.f, rows_per_split, stash, stash_stride, part_o, part_ml, counters,
                          out, lse_out, offset_advance);
 }
 
@@ -439,9 +525,96 @@ __global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
 #define SCORE_STAGE_BYTES 8192
 #endif
 
+// Pass 1 on a 16-bit cache: each warp scores 64-row parts of the block's split (parts warp,
+// warp + W, ...) 16 rows at a time, stores the scores straight from the mma accumulators and
+// keeps each head's online (max, sum) per lane; at a part's end the quad merges them into the
+// part's statistics (STAT_PARTS per tile: whole tiles per warp would balance poorly).
 template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
-    const T* q, const T* k, CACHE_ARGS, float scale, int tiles_per_split, int tiles_max, int stash_stride,
+__device__ __forceinline__ void scores_body_pipelined(
+    const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
+    float* stash, float* stat_m, float* stat_l, int* counters,
+    int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+  typedef Chunk<T, D> C;
+  constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES;
+  constexpr int PART = SANTA_TILE / STAT_PARTS, CPP = PART / CHUNK_ROWS;   // rows, chunks per part
+  extern __shared__ __align__(16) char smem_raw[];
+  __shared__ u32 mask_sm[W][NS];
+  __shared__ int flag;
+  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
+  const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
+  char* ring = smem_raw + warp * NS * C::BYTES;
+  MAKE_CACHE;
+  const int len = clamp_len(kv_lens, b, capacity);
+  const int start = min(len, split * rows_per_split), end = min(len, start + rows_per_split);
+  const int parts = (end - start + PART - 1) / PART;
+  const int mine = (parts > warp ? (parts - warp + W - 1) / W : 0) * CPP;   // chunks
+  const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
+  const long long stat_stride = (long long)tiles_max * STAT_PARTS;
+  uint4 qf[D / 16];
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) qf[ks] = query_fragment<T, D>(q + bh0 * D, G, ks, lane);
+  // the warp's i-th chunk: chunk i % CPP of part warp + (i / CPP) W of the split
+  auto chunk_pos = [&](int i) { return start + (warp + (i / CPP) * W) * PART + (i % CPP) * CHUNK_ROWS; };
+  auto issue = [&](int i) {
+    const u32 mask = issue_chunk<T, D>(ring + (i % NS) * C::BYTES, k, nullptr, (const T*)nullptr, cache, b, kvh,
+                                       chunk_pos(i), end);
+    if (lane == 0) mask_sm[warp][i % NS] = mask;
+  };
+  float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8, this lane's rows
+
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    if (i < mine) issue(i);
+    cp_async_commit();
+  }
+  for (int i = 0; i < mine; ++i) {
+    cp_async_wait<NS - 2>();
+    __syncwarp();
+    if (i + NS - 1 < mine) issue(i + NS - 1);
+    cp_async_commit();
+    const u32 mask = mask_sm[warp][i % NS];
+    float c[2][4];
+    chunk_dots<T, D>(ring + (i % NS) * C::BYTES, qf, c);
+    const int pos0 = chunk_pos(i);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) c[nt][e] = (mask >> (nt * 8 + tig * 2 + (e & 1))) & 1u ? c[nt][e] * scale : NEG_INF;
+      float* dst = stash + (bh0 + grp) * stash_stride + pos0 + nt * 8 + tig * 2;
+      if (grp < G) *reinterpret_cast<float2*>(dst) = make_float2(c[nt][0], c[nt][1]);
+      if (grp + 8 < G) *reinterpret_cast<float2*>(dst + 8 * (long long)stash_stride) = make_float2(c[nt][2], c[nt][3]);
+    }
+    const float mn_lo = fmaxf(m_lo, fmaxf(fmaxf(c[0][0], c[0][1]), fmaxf(c[1][0], c[1][1])));
+    const float mn_hi = fmaxf(m_hi, fmaxf(fmaxf(c[0][2], c[0][3]), fmaxf(c[1][2], c[1][3])));
+    const float ref_lo = mn_lo == NEG_INF ? 0.f : mn_lo, ref_hi = mn_hi == NEG_INF ? 0.f : mn_hi;
+    l_lo = l_lo * __expf(m_lo - ref_lo) + (__expf(c[0][0] - ref_lo) + __expf(c[0][1] - ref_lo)) +
+           (__expf(c[1][0] - ref_lo) + __expf(c[1][1] - ref_lo));
+    l_hi = l_hi * __expf(m_hi - ref_hi) + (__expf(c[0][2] - ref_hi) + __expf(c[0][3] - ref_hi)) +
+           (__expf(c[1][2] - ref_hi) + __expf(c[1][3] - ref_hi));
+    m_lo = mn_lo; m_hi = mn_hi;
+    if (i % CPP != CPP - 1) continue;
+    // the part is complete: merge the quad's (max, sum) per head
+    const long long part = (pos0 - (CPP - 1) * CHUNK_ROWS) / PART;
+    const float q_lo = quad_max(m_lo), q_hi = quad_max(m_hi);
+    const float s_lo = quad_sum(q_lo == NEG_INF ? 0.f : l_lo * __expf(m_lo - q_lo));
+    const float s_hi = quad_sum(q_hi == NEG_INF ? 0.f : l_hi * __expf(m_hi - q_hi));
+    if (tig == 0 && grp < G) { stat_m[(bh0 + grp) * stat_stride + part] = q_lo; stat_l[(bh0 + grp) * stat_stride + part] = s_lo; }
+    if (tig == 0 && grp + 8 < G) {
+      stat_m[(bh0 + grp + 8) * stat_stride + part] = q_hi; stat_l[(bh0 + grp + 8) * stat_stride + part] = s_hi;
+    }
+    m_lo = m_hi = NEG_INF; l_lo = l_hi = 0.f;
+  }
+  cp_async_wait<0>();
+  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
+  build_plan(b, kvh, bh0, G, len, tiles_max, STAT_PARTS, stat_m, stat_l, scheme, S,
+             Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+}
+
+// Pass 1 on a float32 cache: block-wide stages, scores on CUDA cores through shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void scores_body(
+    const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
@@ -450,21 +623,18 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   char* kbuf = smem_raw;                                                          // SCORE_STAGES x STAGE_BYTES
-  uint4* qf_sm = reinterpret_cast<uint4*>(kbuf + SCORE_STAGES * L::STAGE_BYTES);  // (D / 16) x 32
-  float* q_sm = reinterpret_cast<float*>(qf_sm + (D / 16) * 32);                  // G x D
+  float* q_sm = reinterpret_cast<float*>(kbuf + SCORE_STAGES * L::STAGE_BYTES);   // G x D
   float* s_sm = q_sm + G * D;                                                     // G x TILE
   __shared__ unsigned char ok_sm[SCORE_STAGES][L::R];
   __shared__ int flag;
   MAKE_CACHE;
   const int len = clamp_len(kv_lens, b, capacity);
-  const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE;
-  const int start = min(len, split * tiles_per_split * SANTA_TILE);
-  const int end = min(len, start + tiles_per_split * SANTA_TILE);
+  const int start = min(len, split * rows_per_split);
+  const int end = min(len, start + rows_per_split);
   const int nst = (end - start + L::R - 1) / L::R;
   constexpr int SPT = SANTA_TILE / L::R;            // stages per tile
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
-  if constexpr (sizeof(T) == 2) load_query_fragments<T, D>(q, b, kvh, G, q_heads, qf_sm);
-  else load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
+  load_group_query<T, D>(q, b, kvh, G, q_heads, scale, q_sm);
 
 #pragma unroll
   for (int s = 0; s < SCORE_STAGES - 1; ++s) {
@@ -480,8 +650,8 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
                         start + nx * L::R, end);
     cp_async_commit();
     const int cur = s % SCORE_STAGES;
-    scores_of_stage<T, D, SCORE_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, qf_sm, scale, s_sm + (s % SPT) * L::R,
-                          SANTA_TILE, G);
+    stage_scores<T, D, SCORE_STAGE_BYTES>(kbuf + cur * L::STAGE_BYTES, ok_sm[cur], q_sm, s_sm + (s % SPT) * L::R,
+                                          SANTA_TILE, G);
     if ((s + 1) % SPT && s + 1 < nst) continue;
     // a tile is complete: stash its scores and write its (max, sum) per head
     __syncthreads();
@@ -502,8 +672,28 @@ __global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
 
-  build_plan(b, kvh, bh0, G, tiles, tiles_max, stat_m, stat_l, scheme, S,
+  build_plan(b, kvh, bh0, G, len, tiles_max, 1, stat_m, stat_l, scheme, S,
              Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+}
+
+// 16-bit caches run the per-warp pipelines (SCORE_PIPE_WARPS x 32 threads per block, statistics
+// per part of a tile, rows_per_split a multiple of the part), float32 the block pipeline
+// (SANTA_THREADS per block, statistics per tile, rows_per_split a multiple of the tile).
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS) santa_scores(
+    const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
+    float* stash, float* stat_m, float* stat_l, int* counters,
+    int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+  if constexpr (sizeof(T) == 2)
+    scores_body_pipelined<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
+                                q_heads, scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l,
+                                counters, scheme, S, keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z,
+                                plan_P, plan_pos, plan_off);
+  else
+    scores_body<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,
+                      scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, counters, scheme, S,
+                      keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off);
 }
 
 // Number of global draw positions below x (scheme iid, stratified or systematic).
@@ -587,7 +777,7 @@ template <typename T, int D> struct RowSlice {
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(
     const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
-    const float* stash, const float* stat_m, const float* stat_l, int* counters,
+    const float* stash, const float* stat_m, const float* stat_l, int stat_parts, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch,
     const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
     float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
@@ -620,7 +810,9 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     const double Z = plan_Z[bh0 + g];
     TileDraws d;
     if (scheme == SCHEME_TILE) {
-      const float mt = stat_m[(bh0 + g) * tiles_max + t], lt = stat_l[(bh0 + g) * tiles_max + t];
+      float mt, lt;
+      const long long head = (bh0 + g) * tiles_max * stat_parts;
+      tile_stats(stat_m + head, stat_l + head, t, stat_parts, valid_parts(len, stat_parts), mt, lt);
       const double W = mt == NEG_INF ? 0.0 : exp((double)mt - (double)plan_M[bh0 + g]) * (double)lt;
       d.lo = 0; d.hi = mt == NEG_INF ? 0 : budget;
       d.fac = Z > 0.0 ? (float)(W / (Z * budget)) : 0.f;

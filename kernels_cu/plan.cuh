@@ -3,25 +3,49 @@
 #pragma once
 #include "common.cuh"
 
-// Heads bh0 .. bh0 + G - 1 are query heads kvh * G .. of sequence b. Per head: global max M, total mass Z and exclusive tile offsets P_t (double, fixed order); for
-// iid also the S draw positions, sorted. Records the call offset for pass 2.
-__device__ void build_plan(int b, int kvh, long long bh0, int G, int tiles, int tiles_max, const float* stat_m,
-                           const float* stat_l, int scheme, int S, const Stream& st, float* plan_M,
-                           double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, char* smem_raw) {
+// Statistics come per part of a tile (`parts` per tile, SANTA_TILE / parts rows each; a head's
+// parts are contiguous, tiles_max * parts of them); parts at or past `valid` lie past the
+// sequence and were not written.
+__device__ __forceinline__ int valid_parts(int len, int parts) {
+  const int rows = SANTA_TILE / parts;
+  return (len + rows - 1) / rows;
+}
+// (max, sum of exp(s - max)) of tile t of one head from its parts.
+__device__ __forceinline__ void tile_stats(const float* m, const float* l, int t, int parts, int valid, float& mt,
+                                           float& lt) {
+  const int p0 = t * parts, p1 = min(p0 + parts, valid);
+  mt = NEG_INF;
+  for (int p = p0; p < p1; ++p) mt = fmaxf(mt, __ldcg(m + p));
+  lt = 0.f;
+  if (mt != NEG_INF)
+    for (int p = p0; p < p1; ++p) lt += __ldcg(l + p) * __expf(__ldcg(m + p) - mt);
+}
+
+// Heads bh0 .. bh0 + G - 1 are query heads kvh * G .. of sequence b, of length len. Per head:
+// global max M, total mass Z and exclusive tile offsets P_t (double, fixed order); for iid also
+// the S draw positions, sorted. Records the call offset for pass 2.
+__device__ void build_plan(int b, int kvh, long long bh0, int G, int len, int tiles_max, int parts,
+                           const float* stat_m, const float* stat_l, int scheme, int S, const Stream& st,
+                           float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off,
+                           char* smem_raw) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE, valid = valid_parts(len, parts);
   const u32 off = st.call_offset();
   if (threadIdx.x == 0) *plan_off = off;
-  for (int g = warp; g < G; g += SANTA_THREADS / 32) {
-    const float* m = stat_m + (bh0 + g) * tiles_max;
-    const float* l = stat_l + (bh0 + g) * tiles_max;
+  for (int g = warp; g < G; g += blockDim.x / 32) {
+    const float* m = stat_m + (bh0 + g) * tiles_max * parts;
+    const float* l = stat_l + (bh0 + g) * tiles_max * parts;
     double* P = plan_P + (bh0 + g) * (tiles_max + 1);
     float mx = NEG_INF;
-    for (int t = lane; t < tiles; t += 32) mx = fmaxf(mx, __ldcg(m + t));
+    for (int p = lane; p < valid; p += 32) mx = fmaxf(mx, __ldcg(m + p));
     mx = warp_max(mx);
     double carry = 0.0;
     for (int base = 0; base < tiles; base += 32) {
-      int t = base + lane;
-      double w = (t < tiles && mx != NEG_INF) ? exp((double)__ldcg(m + t) - (double)mx) * (double)__ldcg(l + t) : 0.0;
+      const int t = base + lane;
+      double w = 0.0;
+      if (t < tiles && mx != NEG_INF)
+        for (int p = t * parts; p < min(t * parts + parts, valid); ++p)
+          w += exp((double)__ldcg(m + p) - (double)mx) * (double)__ldcg(l + p);
       double incl = warp_inclusive_scan(w);
       if (t < tiles) P[t] = carry + (incl - w);
       carry += __shfl_sync(0xffffffffu, incl, 31);
@@ -36,11 +60,11 @@ __device__ void build_plan(int b, int kvh, long long bh0, int G, int tiles, int 
   for (int g = 0; g < G; ++g) {
     const int h = kvh * G + g;
     __syncthreads();
-    for (int i = threadIdx.x; i < N; i += SANTA_THREADS) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
+    for (int i = threadIdx.x; i < N; i += blockDim.x) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
     __syncthreads();
     for (int kk = 2; kk <= N; kk <<= 1)
       for (int j = kk >> 1; j > 0; j >>= 1) {
-        for (int i = threadIdx.x; i < N; i += SANTA_THREADS) {
+        for (int i = threadIdx.x; i < N; i += blockDim.x) {
           int ixj = i ^ j;
           if (ixj > i) {
             double x = u_sm[i], y = u_sm[ixj];
@@ -49,6 +73,6 @@ __device__ void build_plan(int b, int kvh, long long bh0, int G, int tiles, int 
         }
         __syncthreads();
       }
-    for (int i = threadIdx.x; i < S; i += SANTA_THREADS) plan_pos[(bh0 + g) * S + i] = u_sm[i];
+    for (int i = threadIdx.x; i < S; i += blockDim.x) plan_pos[(bh0 + g) * S + i] = u_sm[i];
   }
 }

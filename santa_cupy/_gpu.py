@@ -13,6 +13,10 @@ NULL = numpy.uint64(0)
 EXACT_STAGES, EXACT_STAGE_BYTES = 2, 16384
 SCORE_STAGES, SCORE_STAGE_BYTES = 4, 8192
 KEY_STAGES, STAGE_DATA_BYTES = 4, 8192
+# kernels_cu/warp_pipe.cuh: per-warp pipelines of 16-bit caches (chunks of 16 rows)
+CHUNK_ROWS, STAT_PARTS = 16, 4
+EXACT_PIPE_WARPS, EXACT_PIPE_STAGES = 8, 2
+SCORE_PIPE_WARPS, SCORE_PIPE_STAGES = 8, 2
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
 VALUE_WARPS = THREADS // 32   # kernels_cu: VALUE_WARPS
@@ -60,6 +64,15 @@ def _stage_bytes(dtype, dim, data_bytes):
     return (data_bytes // row) * (row + 16)
 
 
+def _pipelined(dtype):
+    """16-bit caches run the per-warp pipelines (kernels_cu/warp_pipe.cuh)."""
+    return dtype.itemsize == 2
+
+
+def _chunk_bytes(dtype, dim):
+    return CHUNK_ROWS * (dim * dtype.itemsize + 16)
+
+
 _smem_allowed = {}
 
 
@@ -76,27 +89,30 @@ def _launch(name, dtype_name, dim, smem):
 _resident = {}
 
 
-def _blocks_per_sm(kernel, smem):
-    """How many blocks of ``kernel`` with ``smem`` dynamic bytes fit on one multiprocessor."""
-    key = (id(kernel), smem)
+def _blocks_per_sm(kernel, smem, threads):
+    """How many blocks of ``kernel`` (``threads`` each, ``smem`` dynamic bytes) fit on one multiprocessor."""
+    key = (id(kernel), smem, threads)
     n = _resident.get(key)
     if n is None:
         dev = cupy.cuda.Device().attributes
         regs = -(-kernel.attributes["num_regs"] // 8) * 8
-        by_regs = dev["MaxRegistersPerMultiprocessor"] // (regs * THREADS)
+        by_regs = dev["MaxRegistersPerMultiprocessor"] // (regs * threads)
         by_smem = dev["MaxSharedMemoryPerMultiprocessor"] // (smem + kernel.attributes["shared_size_bytes"] + 1024)
-        n = _resident[key] = max(1, min(by_regs, by_smem, dev["MaxThreadsPerMultiProcessor"] // THREADS))
+        n = _resident[key] = max(1, min(by_regs, by_smem, dev["MaxThreadsPerMultiProcessor"] // threads))
     return n
 
 
-def _splits(tiles_max, pairs, kernel, smem, max_per=None):
-    """(splits, tiles per split): one full wave of resident blocks over the (batch, KV head) pairs."""
-    slots = cupy.cuda.Device().attributes["MultiProcessorCount"] * _blocks_per_sm(kernel, smem)
+def _splits(units, pairs, kernel, smem, threads=THREADS, max_per=None, multiple=1):
+    """(splits, units per split): one full wave of resident blocks over the (batch, KV head) pairs,
+    each split a whole number of ``multiple`` units where it exceeds one ``multiple``."""
+    slots = cupy.cuda.Device().attributes["MultiProcessorCount"] * _blocks_per_sm(kernel, smem, threads)
     want = max(1, slots // pairs)
-    per = max(1, -(-tiles_max // want))
+    per = max(1, -(-units // want))
+    if per > multiple:
+        per = -(-per // multiple) * multiple
     if max_per:
         per = min(per, max_per)
-    return -(-tiles_max // per), per
+    return -(-units // per), per
 
 
 def _contiguous(name, x):
@@ -141,23 +157,29 @@ def _outputs(q, out, return_lse, geo):
 
 def _exact_pass(name, q, geo, out, return_lse, args):
     """Launch ``exact_decode`` or ``stash_decode`` (split-KV p V, splits merged by the last block);
-    ``args(per, part_o, part_ml, counters, out, lse)`` gives the kernel's arguments."""
-    dt, D = q.dtype.name, geo.dim
-    vec = 16 // q.dtype.itemsize
-    tiles_max = -(-geo.capacity // TILE)
+    ``args(rows per split, part_o, part_ml, counters, out, lse)`` gives the kernel's arguments."""
+    dt, D, G = q.dtype.name, geo.dim, geo.group
     pairs = geo.batch * geo.kv_heads
     ws = _workspace()
-    rows = EXACT_STAGE_BYTES // (D * q.dtype.itemsize)
-    smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D, EXACT_STAGE_BYTES) + 32 * D
-            + 4 * (geo.group * D + max(geo.group * rows, THREADS * vec)))
-    kern = _launch(name, dt, D, smem)
-    nsplit, per = _splits(tiles_max, pairs, kern, smem)
+    if name == "exact_decode" and _pipelined(q.dtype):
+        warps = EXACT_PIPE_WARPS // 2 if D >= 256 else EXACT_PIPE_WARPS   # kernels_cu: exact_pipe_warps
+        smem = max(warps * EXACT_PIPE_STAGES * 2 * _chunk_bytes(q.dtype, D), 4 * warps * G * (D + 2))
+        threads, kern = 32 * warps, _launch(name, dt, D, smem)
+        nsplit, rows = _splits(geo.capacity, pairs, kern, smem, threads, multiple=CHUNK_ROWS * warps)
+    else:
+        vec = 16 // q.dtype.itemsize
+        stage_rows = EXACT_STAGE_BYTES // (D * q.dtype.itemsize)
+        smem = (2 * EXACT_STAGES * _stage_bytes(q.dtype, D, EXACT_STAGE_BYTES)
+                + 4 * (G * D + max(G * stage_rows, THREADS * vec)))
+        threads, kern = THREADS, _launch(name, dt, D, smem)
+        nsplit, per = _splits(-(-geo.capacity // TILE), pairs, kern, smem)
+        rows = per * TILE
     part_o = ws.get("part_o", geo.batch * geo.q_heads * nsplit * D, cupy.float32)
     part_ml = ws.get("part_ml", geo.batch * geo.q_heads * nsplit * 2, cupy.float32)
     counters = ws.get("exact_counters", pairs, cupy.int32, zero=True)
     res, lse = _outputs(q, out, return_lse, geo)
-    kern((nsplit, geo.kv_heads, geo.batch), (THREADS,),
-         args(numpy.int32(per), part_o, part_ml, counters, res, NULL if lse is None else lse), shared_mem=smem)
+    kern((nsplit, geo.kv_heads, geo.batch), (threads,),
+         args(numpy.int32(rows), part_o, part_ml, counters, res, NULL if lse is None else lse), shared_mem=smem)
     return res, lse
 
 
@@ -166,7 +188,7 @@ def decode_exact(q, k, v, kv_lens, page_table, geo, scale, out, return_lse):
     k, v = _contiguous("k", k), _contiguous("v", v)
     cache = _cache_args(k, kv_lens, page_table, geo)
     return _exact_pass("exact_decode", q, geo, out, return_lse,
-                       lambda per, *outs: (q, k, v, *cache, numpy.float32(scale), per, *outs))
+                       lambda rows, *outs: (q, k, v, *cache, numpy.float32(scale), rows, *outs))
 
 
 def decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, return_lse, key_draws):
@@ -178,7 +200,7 @@ def decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, ret
     launch1, buf = _score_pass(q, k, cache, geo, scale, 1, "systematic", seed, key_draws)
     launch1()
     return _exact_pass("stash_decode", q, geo, out, return_lse,
-                       lambda per, *outs: (v, *cache, per, buf["stash"], buf["stride"], *outs, buf["advance"]))
+                       lambda rows, *outs: (v, *cache, rows, buf["stash"], buf["stride"], *outs, buf["advance"]))
 
 
 def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
@@ -193,8 +215,8 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
     buf = dict(
         tiles_max=numpy.int32(tiles_max), stride=numpy.int32(stride),
         stash=ws.get("stash", B * H * stride, cupy.float32),
-        stat_m=ws.get("stat_m", B * H * tiles_max, cupy.float32),
-        stat_l=ws.get("stat_l", B * H * tiles_max, cupy.float32),
+        stat_m=ws.get("stat_m", B * H * tiles_max * STAT_PARTS, cupy.float32),
+        stat_l=ws.get("stat_l", B * H * tiles_max * STAT_PARTS, cupy.float32),
         plan_M=ws.get("plan_M", B * H, cupy.float32),
         plan_Z=ws.get("plan_Z", B * H, cupy.float64),
         plan_P=ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64),
@@ -204,20 +226,30 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
     keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
     n_pow2 = 1 << max(0, (samples - 1).bit_length())
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
-    if key_draws is None:
-        smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D, SCORE_STAGE_BYTES) + 32 * D + 4 * G * (D + TILE), sort_bytes)
-        kern, extra = _launch("santa_scores", dt, D, smem), ()
+    if key_draws is None and _pipelined(q.dtype):
+        smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * _chunk_bytes(q.dtype, D), sort_bytes)
+        kern, extra, threads = _launch("santa_scores", dt, D, smem), (), 32 * SCORE_PIPE_WARPS
+        n1, per1 = _splits(tiles_max * STAT_PARTS, B * geo.kv_heads, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
+        split_arg, stat_parts = per1 * (TILE // STAT_PARTS), STAT_PARTS       # rows per split
     else:
-        rows = STAGE_DATA_BYTES // (TILE * q.dtype.itemsize)      # kernels_cu: key_scores stage layout
-        smem = max(KEY_STAGES * (STAGE_DATA_BYTES + 16 * rows) + 64 * D + D * (16 + 4 * G), sort_bytes)
-        kern, extra = _launch("key_scores", dt, D, smem), tuple(numpy.int32(x) for x in key_draws)
-    n1, per1 = _splits(tiles_max, B * geo.kv_heads, kern, smem)
-    args = (q, k, *cache, numpy.float32(scale), numpy.int32(per1), buf["tiles_max"], buf["stride"],
+        if key_draws is None:
+            smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D, SCORE_STAGE_BYTES) + 4 * G * (D + TILE), sort_bytes)
+            kern, extra = _launch("santa_scores", dt, D, smem), ()
+        else:
+            rows = STAGE_DATA_BYTES // (TILE * q.dtype.itemsize)      # kernels_cu: key_scores stage layout
+            smem = max(KEY_STAGES * (STAGE_DATA_BYTES + 16 * rows) + 64 * D + D * (16 + 4 * G), sort_bytes)
+            kern, extra = _launch("key_scores", dt, D, smem), tuple(numpy.int32(x) for x in key_draws)
+        threads = THREADS
+        n1, per1 = _splits(tiles_max, B * geo.kv_heads, kern, smem)
+        # santa_scores takes rows per split, key_scores tiles
+        split_arg, stat_parts = (per1 * TILE if key_draws is None else per1), 1
+    args = (q, k, *cache, numpy.float32(scale), numpy.int32(split_arg), buf["tiles_max"], buf["stride"],
             buf["stash"], buf["stat_m"], buf["stat_l"], counters[:B * geo.kv_heads],
             numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), keys, key, seq_per_batch, off_ptr, off,
             buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"], *extra)
-    buf.update(counters=counters[B * geo.kv_heads:], advance=advance, seed=(keys, key, seq_per_batch))
-    return (lambda: kern((n1, geo.kv_heads, B), (THREADS,), args, shared_mem=smem)), buf
+    buf.update(counters=counters[B * geo.kv_heads:], advance=advance, seed=(keys, key, seq_per_batch),
+               stat_parts=numpy.int32(stat_parts))
+    return (lambda: kern((n1, geo.kv_heads, B), (threads,), args, shared_mem=smem)), buf
 
 
 def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts,
@@ -233,15 +265,14 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     per_max = MAX_TILES_PER_VALUE_BLOCK
     smem2 = 4 * VALUE_WARPS * (D + 4 * TILE) + TILE_DRAWS_BYTES * G * per_max   # kernels_cu: santa_values
     kern2 = _launch("santa_values", dt, D, smem2)
-    n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, per_max)
-    if per2 > VALUE_WARPS:                      # whole rounds of tiles for the block's warps
-        per2 = min(per_max, -(-per2 // VALUE_WARPS) * VALUE_WARPS)
-        n2 = -(-int(buf["tiles_max"]) // per2)
+    # whole rounds of tiles for the block's warps
+    n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, max_per=per_max, multiple=VALUE_WARPS)
     part_o = _workspace().get("part_o", B * H * n2 * D, cupy.float32)
     res, lse = _outputs(q, out, return_lse, geo)
     counts = cupy.zeros((B, H, geo.capacity), dtype=cupy.int32) if return_counts else None
     args2 = (v, *cache, numpy.int32(per2), buf["tiles_max"], buf["stride"], buf["stash"], buf["stat_m"],
-             buf["stat_l"], buf["counters"], numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), *buf["seed"],
+             buf["stat_l"], buf["stat_parts"], buf["counters"], numpy.int32(SCHEME_CODES[scheme]),
+             numpy.int32(samples), *buf["seed"],
              buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"],
              part_o, res, NULL if lse is None else lse, NULL if counts is None else counts, buf["advance"])
     launch1()

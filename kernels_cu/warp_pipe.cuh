@@ -1,0 +1,113 @@
+// Per-warp pipelines for 16-bit caches. Each warp of a block streams chunks of 16 rows of one
+// KV head through its own ring of shared-memory stages (cp.async, waited on with a warp barrier
+// only) and scores them against the query group on tensor cores: the block never waits for its
+// slowest warp while rows stream.
+#pragma once
+#include "common.cuh"
+
+#define CHUNK_ROWS 16
+#define STAT_PARTS 4                 // per-warp pass 1 keeps statistics per 64-row part of a tile
+// santa_cupy/_gpu.py mirrors these
+#ifndef EXACT_PIPE_WARPS             // exact decode: warps per block (half that for 256-wide rows)
+#define EXACT_PIPE_WARPS 8
+#endif
+#ifndef EXACT_PIPE_STAGES            // exact decode: ring depth per warp, K and V per stage
+#define EXACT_PIPE_STAGES 2
+#endif
+#ifndef SCORE_PIPE_WARPS             // SANTA pass 1: warps per block
+#define SCORE_PIPE_WARPS 8
+#endif
+#ifndef SCORE_PIPE_STAGES            // SANTA pass 1: ring depth per warp, K per stage
+#define SCORE_PIPE_STAGES 2
+#endif
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+// Stage layout of one operand: 16 rows, each padded by 16 bytes so that the 8 rows an ldmatrix
+// reads fall in distinct banks.
+template <typename T, int D> struct Chunk {
+  static constexpr int ROW_STRIDE = D * (int)sizeof(T) + 16;
+  static constexpr int BYTES = CHUNK_ROWS * ROW_STRIDE;
+  static constexpr int NCH = D * (int)sizeof(T) / 16;       // 16-byte pieces per row
+  static constexpr int COPIES = CHUNK_ROWS * NCH / 32;      // per lane
+  static_assert(NCH <= 32 && 32 % NCH == 0, "row pieces per warp");
+};
+// Exact decode holds K and V per stage: 256-wide rows get half the warps to fit shared memory.
+template <int D> __host__ __device__ constexpr int exact_pipe_warps() {
+  return D >= 256 ? EXACT_PIPE_WARPS / 2 : EXACT_PIPE_WARPS;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
+  unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+
+// Tensor-core A fragment k-step ks of the (up to 16) query heads of a group, for this lane: rows
+// are heads (zero past G), columns head dimensions. `src` is the group's first query row.
+template <typename T, int D>
+__device__ __forceinline__ uint4 query_fragment(const T* src, int G, int ks, int lane) {
+  const int g = lane >> 2, c = ks * 16 + (lane & 3) * 2;
+  auto pair = [&](int h, int col) -> u32 {
+    if (h >= G) return 0u;
+    return (u32)src[h * D + col].x | ((u32)src[h * D + col + 1].x << 16);
+  };
+  return make_uint4(pair(g, c), pair(g + 8, c), pair(g, c + 8), pair(g + 8, c + 8));
+}
+
+// The warp copies rows [pos0, pos0 + 16) of one KV head from `a` (and from `b`, when given) into
+// stages sa (and sb); rows at or past `end`, or on an out-of-range page, read nothing and are
+// zero-filled. Returns the warp's mask of real rows (bit r: row pos0 + r).
+template <typename T, int D>
+__device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const T* b_src, const Cache& cache,
+                                           int b, int kvh, int pos0, int end) {
+  typedef Chunk<T, D> C;
+  const int lane = threadIdx.x & 31;
+  u32 bits = 0;
+#pragma unroll
+  for (int i = 0; i < C::COPIES; ++i) {
+    const int c = lane + i * 32, r = c / C::NCH, piece = c % C::NCH;
+    const long long off = pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
+    const int dst = r * C::ROW_STRIDE + piece * 16;
+    const long long src = off >= 0 ? off + piece * (16 / (int)sizeof(T)) : 0;
+    cp_async16(sa + dst, a + src, off >= 0);
+    if (b_src) cp_async16(sb + dst, b_src + src, off >= 0);
+    if (piece == 0 && off >= 0) bits |= 1u << r;
+  }
+  return __reduce_or_sync(0xffffffffu, bits);
+}
+
+// Raw dot products of the 16 rows of a K stage with the query heads: c[nt] is the 16 x 8 tile of
+// heads x rows [8 nt, 8 nt + 8) in the mma accumulator layout.
+template <typename T, int D>
+__device__ __forceinline__ void chunk_dots(const char* kst, const uint4 (&qf)[D / 16], float (&c)[2][4]) {
+  typedef Chunk<T, D> C;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+  // ldmatrix x4: rows 0-7 and 8-15, each at dims [16 ks, 16 ks + 8) and [16 ks + 8, 16 ks + 16)
+  const char* base = kst + ((lane & 7) + ((lane >> 4) << 3)) * C::ROW_STRIDE + ((lane >> 3) & 1) * 16;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    u32 kb[4];
+    ldmatrix_x4(kb, base + ks * 32);
+    mma16816<T>(c[0], qf[ks], kb[0], kb[1]);
+    mma16816<T>(c[1], qf[ks], kb[2], kb[3]);
+  }
+}
