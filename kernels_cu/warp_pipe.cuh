@@ -71,19 +71,30 @@ __device__ __forceinline__ uint4 query_fragment(const T* src, int G, int ks, int
   return make_uint4(pair(g, c), pair(g + 8, c), pair(g, c + 8), pair(g + 8, c + 8));
 }
 
+// A paged cache's row offsets cost a page-table load before the copies can issue; the pipelines
+// look them up one chunk ahead: lane l holds the offset of row pos0 + (l % 16) (-1: not real).
+// Contiguous caches need no lookup (0).
+template <int D>
+__device__ __forceinline__ long long chunk_rows_ahead(const Cache& cache, int b, int kvh, int pos0, int end) {
+  const int pos = pos0 + (threadIdx.x & 15);
+  return cache.page_table && pos < end ? cache.row(b, pos, kvh, D) : -1;
+}
+
 // The warp copies rows [pos0, pos0 + 16) of one KV head from `a` (and from `b`, when given) into
 // stages sa (and sb); rows at or past `end`, or on an out-of-range page, read nothing and are
-// zero-filled. Returns the warp's mask of real rows (bit r: row pos0 + r).
+// zero-filled. `ahead`: chunk_rows_ahead of this chunk. Returns the warp's mask of real rows
+// (bit r: row pos0 + r).
 template <typename T, int D>
 __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const T* b_src, const Cache& cache,
-                                           int b, int kvh, int pos0, int end) {
+                                           int b, int kvh, int pos0, int end, long long ahead) {
   typedef Chunk<T, D> C;
   const int lane = threadIdx.x & 31;
   u32 bits = 0;
 #pragma unroll
   for (int i = 0; i < C::COPIES; ++i) {
     const int c = lane + i * 32, r = c / C::NCH, piece = c % C::NCH;
-    const long long off = pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
+    const long long off = cache.page_table ? __shfl_sync(0xffffffffu, ahead, r)
+                                           : pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
     const int dst = r * C::ROW_STRIDE + piece * 16;
     const long long src = off >= 0 ? off + piece * (16 / (int)sizeof(T)) : 0;
     cp_async16(sa + dst, a + src, off >= 0);
