@@ -294,6 +294,6 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   }
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-  build_plan(b, kvh, bh0, G, len, tiles_max, 1, stat_m, stat_l, scheme, S, st, plan_M, plan_Z, plan_P, plan_pos,
-             plan_off, smem_raw);
+  build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S, st, plan_M, plan_Z, plan_P, plan_pos,
+                plan_off, smem_raw);
 }

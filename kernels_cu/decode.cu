@@ -385,7 +385,6 @@ __device__ __forceinline__ void exact_body_pipelined(
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
-  char* ring = smem_raw + warp * NS * 2 * C::BYTES;                  // NS stages of (K, V)
   MAKE_CACHE;
   const int len = clamp_len(kv_lens, b, capacity);
   const int start = min(len, split * rows_per_split);
@@ -402,26 +401,10 @@ __device__ __forceinline__ void exact_body_pipelined(
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8; l per lane
 
-  auto chunk_pos = [&](int i) { return start + (warp + i * W) * CHUNK_ROWS; };   // the warp's i-th chunk
-  long long ahead = chunk_rows_ahead<D>(cache, b, kvh, chunk_pos(0), end);
-  auto issue = [&](int i) {
-    char* st = ring + (i % NS) * 2 * C::BYTES;
-    const u32 mask = issue_chunk<T, D>(st, k, st + C::BYTES, v, cache, b, kvh, chunk_pos(i), end, ahead);
-    ahead = chunk_rows_ahead<D>(cache, b, kvh, chunk_pos(i + 1), end);
-    if (lane == 0) mask_sm[warp][i % NS] = mask;
-  };
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < mine) issue(i);
-    cp_async_commit();
-  }
-  for (int i = 0; i < mine; ++i) {
-    cp_async_wait<NS - 2>();
-    __syncwarp();                           // the chunk has landed; the previous stage is free
-    if (i + NS - 1 < mine) issue(i + NS - 1);
-    cp_async_commit();
-    const char* kst = ring + (i % NS) * 2 * C::BYTES;
-    const u32 mask = mask_sm[warp][i % NS];
+  WarpRing<T, D, NS, 1> ring{smem_raw + warp * NS * 2 * C::BYTES, mask_sm[warp], 2};   // NS stages of (K, V)
+  // the warp's i-th chunk: chunk warp + i W of the split
+  ring.run(k, v, cache, b, kvh, end, mine, [&](int i) { return start + (warp + i * W) * CHUNK_ROWS; },
+           [&](int, const char* kst, u32 mask) {
     float c[2][4];
     chunk_dots<T, D>(kst, qf, c);
 #pragma unroll
@@ -453,8 +436,7 @@ __device__ __forceinline__ void exact_body_pipelined(
       mma16816<T>(o[j], pa, vb[0], vb[1]);
       mma16816<T>(o[j + 1], pa, vb[2], vb[3]);
     }
-  }
-  cp_async_wait<0>();
+  });
   l_lo = quad_sum(l_lo); l_hi = quad_sum(l_hi);
 
   // the block's partial: warps merged in a fixed order (the rings are free now)
@@ -538,68 +520,68 @@ __device__ __forceinline__ void scores_body_pipelined(
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
   typedef Chunk<T, D> C;
-  constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES;
-  constexpr int PART = SANTA_TILE / STAT_PARTS, CPP = PART / CHUNK_ROWS;   // rows, chunks per part
+  constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES, SC = SCORE_PIPE_CHUNKS;
+  constexpr int PART = SANTA_TILE / STAT_PARTS, SPP = PART / (SC * CHUNK_ROWS);   // rows, steps per part
   extern __shared__ __align__(16) char smem_raw[];
   __shared__ u32 mask_sm[W][NS];
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
-  char* ring = smem_raw + warp * NS * C::BYTES;
   MAKE_CACHE;
   const int len = clamp_len(kv_lens, b, capacity);
   const int start = min(len, split * rows_per_split), end = min(len, start + rows_per_split);
   const int parts = (end - start + PART - 1) / PART;
-  const int mine = (parts > warp ? (parts - warp + W - 1) / W : 0) * CPP;   // chunks
+  const int mine = (parts > warp ? (parts - warp + W - 1) / W : 0) * SPP;   // steps
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   const long long stat_stride = (long long)tiles_max * STAT_PARTS;
   uint4 qf[D / 16];
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) qf[ks] = query_fragment<T, D>(q + bh0 * D, G, ks, lane);
-  // the warp's i-th chunk: chunk i % CPP of part warp + (i / CPP) W of the split
-  auto chunk_pos = [&](int i) { return start + (warp + (i / CPP) * W) * PART + (i % CPP) * CHUNK_ROWS; };
-  long long ahead = chunk_rows_ahead<D>(cache, b, kvh, chunk_pos(0), end);
-  auto issue = [&](int i) {
-    const u32 mask = issue_chunk<T, D>(ring + (i % NS) * C::BYTES, k, nullptr, (const T*)nullptr, cache, b, kvh,
-                                       chunk_pos(i), end, ahead);
-    ahead = chunk_rows_ahead<D>(cache, b, kvh, chunk_pos(i + 1), end);
-    if (lane == 0) mask_sm[warp][i % NS] = mask;
-  };
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8, this lane's rows
 
+  WarpRing<T, D, NS, SC> ring{smem_raw + warp * NS * SC * C::BYTES, mask_sm[warp], 1};
+  // the warp's i-th step: step i % SPP of part warp + (i / SPP) W of the split
+  auto step_pos = [&](int i) { return start + (warp + (i / SPP) * W) * PART + (i % SPP) * SC * CHUNK_ROWS; };
+  ring.run(k, (const T*)nullptr, cache, b, kvh, end, mine, step_pos, [&](int i, const char* st, u32 mask) {
+    float c[SC][2][4];
 #pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    if (i < mine) issue(i);
-    cp_async_commit();
-  }
-  for (int i = 0; i < mine; ++i) {
-    cp_async_wait<NS - 2>();
-    __syncwarp();
-    if (i + NS - 1 < mine) issue(i + NS - 1);
-    cp_async_commit();
-    const u32 mask = mask_sm[warp][i % NS];
-    float c[2][4];
-    chunk_dots<T, D>(ring + (i % NS) * C::BYTES, qf, c);
-    const int pos0 = chunk_pos(i);
+    for (int j = 0; j < SC; ++j) chunk_dots<T, D>(st + j * C::BYTES, qf, c[j]);
+    const int pos0 = step_pos(i);
+    float mx_lo = m_lo, mx_hi = m_hi;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int j = 0; j < SC; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) c[nt][e] = (mask >> (nt * 8 + tig * 2 + (e & 1))) & 1u ? c[nt][e] * scale : NEG_INF;
-      float* dst = stash + (bh0 + grp) * stash_stride + pos0 + nt * 8 + tig * 2;
-      if (grp < G) *reinterpret_cast<float2*>(dst) = make_float2(c[nt][0], c[nt][1]);
-      if (grp + 8 < G) *reinterpret_cast<float2*>(dst + 8 * (long long)stash_stride) = make_float2(c[nt][2], c[nt][3]);
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          c[j][nt][e] = (mask >> (j * CHUNK_ROWS + nt * 8 + tig * 2 + (e & 1))) & 1u ? c[j][nt][e] * scale : NEG_INF;
+        float* dst = stash + (bh0 + grp) * stash_stride + pos0 + j * CHUNK_ROWS + nt * 8 + tig * 2;
+        if (grp < G) *reinterpret_cast<float2*>(dst) = make_float2(c[j][nt][0], c[j][nt][1]);
+        if (grp + 8 < G) *reinterpret_cast<float2*>(dst + 8 * (long long)stash_stride) = make_float2(c[j][nt][2], c[j][nt][3]);
+        mx_lo = fmaxf(mx_lo, fmaxf(c[j][nt][0], c[j][nt][1]));
+        mx_hi = fmaxf(mx_hi, fmaxf(c[j][nt][2], c[j][nt][3]));
+      }
+    const float ref_lo = mx_lo == NEG_INF ? 0.f : mx_lo;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < SC; ++j)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][0] - ref_lo) + __expf(c[j][nt][1] - ref_lo);
+    l_lo = l_lo * __expf(m_lo - ref_lo) + sum;
+    m_lo = mx_lo;
+    if (G > 8) {                                // heads 8-15 of the mma tile exist
+      const float ref_hi = mx_hi == NEG_INF ? 0.f : mx_hi;
+      sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < SC; ++j)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][2] - ref_hi) + __expf(c[j][nt][3] - ref_hi);
+      l_hi = l_hi * __expf(m_hi - ref_hi) + sum;
+      m_hi = mx_hi;
     }
-    const float mn_lo = fmaxf(m_lo, fmaxf(fmaxf(c[0][0], c[0][1]), fmaxf(c[1][0], c[1][1])));
-    const float mn_hi = fmaxf(m_hi, fmaxf(fmaxf(c[0][2], c[0][3]), fmaxf(c[1][2], c[1][3])));
-    const float ref_lo = mn_lo == NEG_INF ? 0.f : mn_lo, ref_hi = mn_hi == NEG_INF ? 0.f : mn_hi;
-    l_lo = l_lo * __expf(m_lo - ref_lo) + (__expf(c[0][0] - ref_lo) + __expf(c[0][1] - ref_lo)) +
-           (__expf(c[1][0] - ref_lo) + __expf(c[1][1] - ref_lo));
-    l_hi = l_hi * __expf(m_hi - ref_hi) + (__expf(c[0][2] - ref_hi) + __expf(c[0][3] - ref_hi)) +
-           (__expf(c[1][2] - ref_hi) + __expf(c[1][3] - ref_hi));
-    m_lo = mn_lo; m_hi = mn_hi;
-    if (i % CPP != CPP - 1) continue;
+    if (i % SPP != SPP - 1) return;
     // the part is complete: merge the quad's (max, sum) per head
-    const long long part = (pos0 - (CPP - 1) * CHUNK_ROWS) / PART;
+    const long long part = (pos0 - (SPP - 1) * SC * CHUNK_ROWS) / PART;
     const float q_lo = quad_max(m_lo), q_hi = quad_max(m_hi);
     const float s_lo = quad_sum(q_lo == NEG_INF ? 0.f : l_lo * __expf(m_lo - q_lo));
     const float s_hi = quad_sum(q_hi == NEG_INF ? 0.f : l_hi * __expf(m_hi - q_hi));
@@ -608,11 +590,10 @@ __device__ __forceinline__ void scores_body_pipelined(
       stat_m[(bh0 + grp + 8) * stat_stride + part] = q_hi; stat_l[(bh0 + grp + 8) * stat_stride + part] = s_hi;
     }
     m_lo = m_hi = NEG_INF; l_lo = l_hi = 0.f;
-  }
-  cp_async_wait<0>();
+  });
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-  build_plan(b, kvh, bh0, G, len, tiles_max, STAT_PARTS, stat_m, stat_l, scheme, S,
-             Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+  build_plan<STAT_PARTS>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
+                         Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
 }
 
 // Pass 1 on a float32 cache: block-wide stages, scores on CUDA cores through shared memory.
@@ -676,8 +657,8 @@ __device__ __forceinline__ void scores_body(
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
 
-  build_plan(b, kvh, bh0, G, len, tiles_max, 1, stat_m, stat_l, scheme, S,
-             Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+  build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
+                Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
 }
 
 // 16-bit caches run the per-warp pipelines (SCORE_PIPE_WARPS x 32 threads per block, statistics
@@ -735,13 +716,13 @@ struct TileDraws {
   int lo, hi;
 };
 
-// The E = D / 32 elements [lane E, lane E + E) of a cache row, as float.
+// The E = D / 32 elements [lane E, lane E + E) of a cache row: loaded as WORDS raw 32-bit words
+// (what a load in flight holds in registers), then unpacked to float.
 template <typename T, int D> struct RowSlice {
   static constexpr int E = D / 32;
   static constexpr int WORDS = E * (int)sizeof(T) / 4;
-  __device__ __forceinline__ static void load(const T* row, float (&f)[E]) {
+  __device__ __forceinline__ static void load(const T* row, u32 (&w)[WORDS]) {
     const u32* p = reinterpret_cast<const u32*>(row + (threadIdx.x & 31) * E);
-    u32 w[WORDS];
     if constexpr (WORDS >= 4) {
 #pragma unroll
       for (int i = 0; i < WORDS / 4; ++i) {
@@ -754,6 +735,8 @@ template <typename T, int D> struct RowSlice {
     } else {
       w[0] = __ldg(p);
     }
+  }
+  __device__ __forceinline__ static void unpack(const u32 (&w)[WORDS], float (&f)[E]) {
 #pragma unroll
     for (int i = 0; i < WORDS; ++i) {
       if constexpr (sizeof(T) == 4) {
@@ -849,6 +832,33 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
 #pragma unroll
     for (int k = 0; k < E; ++k) acc[k] = 0.f;
     float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
+    // V rows e0 .. e0 + GB of the task's list into registers, and their weights (0 past n)
+    constexpr int GB = VALUE_GATHER_FLOATS / E;
+    typedef RowSlice<T, D> Row;
+    auto gather = [&](int t, int e0, int n, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
+#pragma unroll
+      for (int u = 0; u < GB; ++u) {
+        const long long o = e0 + u < n ? cache.row(b, t * SANTA_TILE + list_row[e0 + u], kvh, D) : -1;
+        wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
+        if (o >= 0) Row::load(v + o, f[u]);
+        else
+#pragma unroll
+          for (int k = 0; k < Row::WORDS; ++k) f[u][k] = 0u;
+      }
+    };
+    auto accumulate = [&](const u32 (&f)[GB][Row::WORDS], const float (&wu)[GB]) {
+#pragma unroll
+      for (int u = 0; u < GB; ++u) {
+        float x[E];
+        Row::unpack(f[u], x);
+#pragma unroll
+        for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], x[k], acc[k]);
+      }
+    };
+    // the first batch of a task's rows stays in flight while the warp scans its next task
+    u32 pf[GB][Row::WORDS];
+    float pw[GB];
+    gather(0, 0, 0, pf, pw);
     auto fetch = [&](int t) {                 // the stash of the warp's next tile, one tile ahead
       if (g >= G || t >= t1) return;
       const TileDraws& d = td_sm[(t - t0) * G + g];
@@ -914,25 +924,18 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
         n += __popc(m);
       }
       __syncwarp();
-      constexpr int GB = VALUE_GATHER_FLOATS / E;
-      for (int e0 = 0; e0 < n; e0 += GB) {
-        float f[GB][E], wu[GB];
-#pragma unroll
-        for (int u = 0; u < GB; ++u) {
-          const long long o = e0 + u < n ? cache.row(b, t * SANTA_TILE + list_row[e0 + u], kvh, D) : -1;
-          wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
-          if (o >= 0) RowSlice<T, D>::load(v + o, f[u]);
-          else
-#pragma unroll
-            for (int k = 0; k < E; ++k) f[u][k] = 0.f;
-        }
-#pragma unroll
-        for (int u = 0; u < GB; ++u)
-#pragma unroll
-          for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], f[u][k], acc[k]);
+      // the previous task's first rows have arrived during this task's scan
+      accumulate(pf, pw);
+      gather(t, 0, n, pf, pw);
+      for (int e0 = GB; e0 < n; e0 += GB) {  // more rows than one batch: gathered now
+        u32 f[GB][Row::WORDS];
+        float wu[GB];
+        gather(t, e0, n, f, wu);
+        accumulate(f, wu);
       }
       __syncwarp();
     }
+    accumulate(pf, pw);
     // the block's sum for heads g0 .., warps in a fixed order
 #pragma unroll
     for (int k = 0; k < E; ++k) red_sm[warp * D + lane * E + k] = acc[k];

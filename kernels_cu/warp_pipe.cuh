@@ -6,7 +6,6 @@
 #include "common.cuh"
 
 #define CHUNK_ROWS 16
-#define STAT_PARTS 4                 // per-warp pass 1 keeps statistics per 64-row part of a tile
 // santa_cupy/_gpu.py mirrors these
 #ifndef EXACT_PIPE_WARPS             // exact decode: warps per block (half that for 256-wide rows)
 #define EXACT_PIPE_WARPS 8
@@ -19,6 +18,9 @@
 #endif
 #ifndef SCORE_PIPE_STAGES            // SANTA pass 1: ring depth per warp, K per stage
 #define SCORE_PIPE_STAGES 2
+#endif
+#ifndef SCORE_PIPE_CHUNKS            // SANTA pass 1: chunks per stage
+#define SCORE_PIPE_CHUNKS 1
 #endif
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -72,28 +74,28 @@ __device__ __forceinline__ uint4 query_fragment(const T* src, int G, int ks, int
 }
 
 // A paged cache's row offsets cost a page-table load before the copies can issue; the pipelines
-// look them up one chunk ahead: lane l holds the offset of row pos0 + (l % 16) (-1: not real).
+// look them up one step ahead: lane l holds the offset of row pos0 + l % ROWS (-1: not real).
 // Contiguous caches need no lookup (0).
-template <int D>
-__device__ __forceinline__ long long chunk_rows_ahead(const Cache& cache, int b, int kvh, int pos0, int end) {
-  const int pos = pos0 + (threadIdx.x & 15);
+template <int D, int ROWS>
+__device__ __forceinline__ long long rows_ahead(const Cache& cache, int b, int kvh, int pos0, int end) {
+  const int pos = pos0 + (threadIdx.x & (ROWS - 1));
   return cache.page_table && pos < end ? cache.row(b, pos, kvh, D) : -1;
 }
 
 // The warp copies rows [pos0, pos0 + 16) of one KV head from `a` (and from `b`, when given) into
-// stages sa (and sb); rows at or past `end`, or on an out-of-range page, read nothing and are
-// zero-filled. `ahead`: chunk_rows_ahead of this chunk. Returns the warp's mask of real rows
-// (bit r: row pos0 + r).
+// chunks sa (and sb); rows at or past `end`, or on an out-of-range page, read nothing and are
+// zero-filled. `ahead`: rows_ahead of a step whose row `first` is pos0. Returns the warp's mask
+// of real rows (bit r: row pos0 + r).
 template <typename T, int D>
 __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const T* b_src, const Cache& cache,
-                                           int b, int kvh, int pos0, int end, long long ahead) {
+                                           int b, int kvh, int pos0, int end, long long ahead, int first) {
   typedef Chunk<T, D> C;
   const int lane = threadIdx.x & 31;
   u32 bits = 0;
 #pragma unroll
   for (int i = 0; i < C::COPIES; ++i) {
     const int c = lane + i * 32, r = c / C::NCH, piece = c % C::NCH;
-    const long long off = cache.page_table ? __shfl_sync(0xffffffffu, ahead, r)
+    const long long off = cache.page_table ? __shfl_sync(0xffffffffu, ahead, first + r)
                                            : pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
     const int dst = r * C::ROW_STRIDE + piece * 16;
     const long long src = off >= 0 ? off + piece * (16 / (int)sizeof(T)) : 0;
@@ -103,6 +105,53 @@ __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const
   }
   return __reduce_or_sync(0xffffffffu, bits);
 }
+
+// A warp's ring of NS stages, each a step of SC chunks of K (and then SC of V, when given): the
+// step's copies, their page lookups one step ahead, and the masks of real rows (bit r: row r of
+// the step). `pos(i)` is the first row of the warp's step i.
+template <typename T, int D, int NS, int SC>
+struct WarpRing {
+  typedef Chunk<T, D> C;
+  static constexpr int STEP_ROWS = SC * CHUNK_ROWS;
+  static_assert(STEP_ROWS <= 32, "a step's rows are looked up one per lane");
+  char* ring;
+  u32* mask_sm;             // NS entries of this warp
+  int operands;             // 1 (K) or 2 (K, V)
+  long long ahead;
+  __device__ __forceinline__ char* stage(int i) const { return ring + (i % NS) * operands * SC * C::BYTES; }
+  __device__ __forceinline__ u32 mask(int i) const { return mask_sm[i % NS]; }
+
+  // Runs the warp's `steps` steps: body(i, stage, mask) once step i has landed.
+  template <class Pos, class Body>
+  __device__ __forceinline__ void run(const T* k, const T* v, const Cache& cache, int b, int kvh, int end,
+                                      int steps, Pos pos, Body body) {
+    ahead = rows_ahead<D, STEP_ROWS>(cache, b, kvh, pos(0), end);
+    auto issue = [&](int i) {
+      char* st = stage(i);
+      const int pos0 = pos(i);
+      u32 m = 0;
+#pragma unroll
+      for (int c = 0; c < SC; ++c)
+        m |= issue_chunk<T, D>(st + c * C::BYTES, k, v ? st + (SC + c) * C::BYTES : nullptr, v, cache, b, kvh,
+                               pos0 + c * CHUNK_ROWS, end, ahead, c * CHUNK_ROWS) << (c * CHUNK_ROWS);
+      ahead = rows_ahead<D, STEP_ROWS>(cache, b, kvh, pos(i + 1), end);
+      if ((threadIdx.x & 31) == 0) mask_sm[i % NS] = m;
+    };
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) {
+      if (i < steps) issue(i);
+      cp_async_commit();
+    }
+    for (int i = 0; i < steps; ++i) {
+      cp_async_wait<NS - 2>();
+      __syncwarp();                         // step i has landed; the stage of step i - 1 is free
+      if (i + NS - 1 < steps) issue(i + NS - 1);
+      cp_async_commit();
+      body(i, (const char*)stage(i), mask(i));
+    }
+    cp_async_wait<0>();
+  }
+};
 
 // Raw dot products of the 16 rows of a K stage with the query heads: c[nt] is the 16 x 8 tile of
 // heads x rows [8 nt, 8 nt + 8) in the mma accumulator layout.

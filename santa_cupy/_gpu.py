@@ -13,10 +13,11 @@ NULL = numpy.uint64(0)
 EXACT_STAGES, EXACT_STAGE_BYTES = 2, 16384
 SCORE_STAGES, SCORE_STAGE_BYTES = 4, 8192
 KEY_STAGES, STAGE_DATA_BYTES = 4, 8192
-# kernels_cu/warp_pipe.cuh: per-warp pipelines of 16-bit caches (chunks of 16 rows)
+# kernels_cu/warp_pipe.cuh: per-warp pipelines of 16-bit caches (chunks of 16 rows);
+# kernels_cu/plan.cuh: statistics parts per tile
 CHUNK_ROWS, STAT_PARTS = 16, 4
 EXACT_PIPE_WARPS, EXACT_PIPE_STAGES = 8, 2
-SCORE_PIPE_WARPS, SCORE_PIPE_STAGES = 8, 2
+SCORE_PIPE_WARPS, SCORE_PIPE_STAGES, SCORE_PIPE_CHUNKS = 8, 2, 1
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
 VALUE_WARPS = THREADS // 32   # kernels_cu: VALUE_WARPS
@@ -227,7 +228,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
     n_pow2 = 1 << max(0, (samples - 1).bit_length())
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
     if key_draws is None and _pipelined(q.dtype):
-        smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * _chunk_bytes(q.dtype, D), sort_bytes)
+        smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * SCORE_PIPE_CHUNKS * _chunk_bytes(q.dtype, D), sort_bytes)
         kern, extra, threads = _launch("santa_scores", dt, D, smem), (), 32 * SCORE_PIPE_WARPS
         n1, per1 = _splits(tiles_max * STAT_PARTS, B * geo.kv_heads, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
         split_arg, stat_parts = per1 * (TILE // STAT_PARTS), STAT_PARTS       # rows per split

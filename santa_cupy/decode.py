@@ -104,7 +104,7 @@ def _key_args(key_draws, key_scheme, key_group, names=("key_draws", "key_scheme"
         _checks.positive_int(names[0], key_draws)
 
 
-EXACT_BELOW_BYTES = 128 << 20
+EXACT_BELOW_BYTES = 64 << 20
 """Key bytes under which ``decode(..., dispatch='auto')`` computes exact attention (measured on an
 H200: README, Performance)."""
 
