@@ -510,9 +510,10 @@ __global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
 #endif
 
 // Pass 1 on a 16-bit cache: each warp scores 64-row parts of the block's split (parts warp,
-// warp + W, ...) one ring stage (SCORE_PIPE_CHUNKS chunks of 16 rows) at a time, stores the scores straight from the mma accumulators and
-// keeps each head's online (max, sum) per lane; at a part's end the quad merges them into the
-// part's statistics (STAT_PARTS per tile: whole tiles per warp would balance poorly).
+// warp + W, ...) one ring stage (SCORE_PIPE_CHUNKS chunks of 16 rows) at a time, stores the
+// scores straight from the mma accumulators and keeps each head's online (max, sum) per lane; at
+// a part's end the quad merges them into the part's statistics (STAT_PARTS per tile: whole tiles
+// per warp would balance poorly).
 template <typename T, int D>
 __device__ __forceinline__ void scores_body_pipelined(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
