@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off,
     int key_draws, int key_stratified, int key_group) {
+  let_dependent_kernel_start();     // pass 2 waits for this kernel's results
   constexpr bool MMA = sizeof(T) == 2;
   constexpr int ROW_BYTES = SANTA_TILE * (int)sizeof(T);   // one feature over a tile
   constexpr int ROW_STRIDE = ROW_BYTES + 16;              // padding: ldmatrix rows hit distinct banks

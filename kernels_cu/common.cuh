@@ -193,6 +193,20 @@ template <typename X> __device__ __forceinline__ X warp_inclusive_scan(X v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched as a dependent of the previous one in
+// its stream may start while that one still runs, and must wait here before it reads what that
+// kernel writes (a no-op for a plain launch). The previous kernel lets it start early.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_dependent_kernel_start() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 // Signals that this block is the last of `total` blocks to finish the work of `slot`; the
 // last one may then read what the others wrote. Resets the counter for the next call.
 __device__ __forceinline__ bool last_block_done(int* counters, int slot, int total, int* flag_sm) {

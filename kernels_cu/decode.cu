@@ -496,6 +496,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
     const T* v, CACHE_ARGS, int rows_per_split, const float* stash, int stash_stride,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
+  wait_for_previous_kernel();      // the stash of key_scores
   exact_body<T, D, true>(nullptr, nullptr, v, kv_lens, page_table, max_pages, page_size, num_pages, capacity,
                          kv_heads, q_heads, 1.f, rows_per_split, stash, stash_stride, part_o, part_ml, counters,
                          out, lse_out, offset_advance);
@@ -673,6 +674,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+  let_dependent_kernel_start();     // pass 2 waits for this kernel's results
   if constexpr (sizeof(T) == 2)
     scores_body_pipelined<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
                                 q_heads, scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l,
@@ -773,6 +775,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
   constexpr int E = RowSlice<T, D>::E;
   extern __shared__ __align__(16) char smem_raw[];
+  wait_for_previous_kernel();      // pass 1's stash and plan
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float* red_sm = reinterpret_cast<float*>(smem_raw);                       // VALUE_WARPS x D

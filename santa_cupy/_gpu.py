@@ -2,7 +2,7 @@
 import cupy
 import numpy
 
-from . import _kernels, rng
+from . import _dependent, _kernels, rng
 from .reference import TILE
 
 THREADS = 256
@@ -157,7 +157,8 @@ def _outputs(q, out, return_lse, geo):
 
 
 def _exact_pass(name, q, geo, out, return_lse, args):
-    """Launch ``exact_decode`` or ``stash_decode`` (split-KV p V, splits merged by the last block);
+    """Launch ``exact_decode`` or ``stash_decode`` (split-KV p V, splits merged by the last block;
+    ``stash_decode`` as a dependent of the ``key_scores`` launch before it);
     ``args(rows per split, part_o, part_ml, counters, out, lse)`` gives the kernel's arguments."""
     dt, D, G = q.dtype.name, geo.dim, geo.group
     pairs = geo.batch * geo.kv_heads
@@ -179,8 +180,9 @@ def _exact_pass(name, q, geo, out, return_lse, args):
     part_ml = ws.get("part_ml", geo.batch * geo.q_heads * nsplit * 2, cupy.float32)
     counters = ws.get("exact_counters", pairs, cupy.int32, zero=True)
     res, lse = _outputs(q, out, return_lse, geo)
-    kern((nsplit, geo.kv_heads, geo.batch), (threads,),
-         args(numpy.int32(rows), part_o, part_ml, counters, res, NULL if lse is None else lse), shared_mem=smem)
+    _dependent.launch(kern, (nsplit, geo.kv_heads, geo.batch), (threads,),
+                      args(numpy.int32(rows), part_o, part_ml, counters, res, NULL if lse is None else lse),
+                      shared_mem=smem, dependent=name == "stash_decode")
     return res, lse
 
 
@@ -276,8 +278,9 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
              numpy.int32(samples), *buf["seed"],
              buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"],
              part_o, res, NULL if lse is None else lse, NULL if counts is None else counts, buf["advance"])
+    launch2 = _dependent.prepare(kern2, (n2, geo.kv_heads, B), (THREADS,), args2, shared_mem=smem2)
     launch1()
-    kern2((n2, geo.kv_heads, B), (THREADS,), args2, shared_mem=smem2)
+    launch2()
     return res, lse, counts
 
 
