@@ -63,6 +63,7 @@ def bounds(rows, key_read_us, targets=TARGETS, scheme="systematic", samples=256)
 
 
 def markdown(card, date, empty_us, results_name, table):
+    """The table of :func:`bounds` as markdown, with the measurements it rests on."""
     lines = [f"# SANTA bounds: {card}, {date}", "",
              f"- from `{results_name}` (SANTA systematic S=256 and the best dense kernel of each configuration);",
              f"- measured here, L2 flushed before each launch: an empty kernel {empty_us:.1f} µs; the fastest plain "
