@@ -139,61 +139,59 @@ template <typename T, int D> struct Items {
                    int num_pages, int capacity, int kv_heads, int q_heads
 #define MAKE_CACHE Cache cache = {page_table, max_pages, page_size, num_pages, capacity, kv_heads}
 
-// Sum over the splits of one (batch, query head), in split order, with loads issued ahead.
-__device__ __forceinline__ float sum_splits(const float* p, int nsplit, long long stride) {
-  float o = 0.f;
-  int s = 0;
-  for (; s + 8 <= nsplit; s += 8) {
-    float x[8];
+// The sum over a head's splits, in split order, of 4 consecutive floats of their partials
+// (p: split 0's, D floats apart), weighted by w[s].y when w is given; U loads in flight.
+template <int D, int U>
+__device__ __forceinline__ float4 sum_splits4(const float* p, int nsplit, const float2* w) {
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < nsplit; s0 += U) {
+    float4 x[U];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) x[u] = __ldcg(p + (s + u) * stride);
+    for (int u = 0; u < U; ++u)
+      if (s0 + u < nsplit) x[u] = __ldcg(reinterpret_cast<const float4*>(p + (long long)(s0 + u) * D));
 #pragma unroll
-    for (int u = 0; u < 8; ++u) o += x[u];
+    for (int u = 0; u < U; ++u) {
+      if (s0 + u >= nsplit) break;
+      if (w) {
+        const float ws = w[s0 + u].y;
+        o.x = fmaf(ws, x[u].x, o.x); o.y = fmaf(ws, x[u].y, o.y); o.z = fmaf(ws, x[u].z, o.z); o.w = fmaf(ws, x[u].w, o.w);
+      } else {
+        o.x += x[u].x; o.y += x[u].y; o.z += x[u].z; o.w += x[u].w;
+      }
+    }
   }
-  for (; s < nsplit; ++s) o += __ldcg(p + s * stride);
   return o;
+}
+template <typename T> __device__ __forceinline__ void store4(T* dst, float4 v) {
+  dst[0] = from_float<T>(v.x); dst[1] = from_float<T>(v.y); dst[2] = from_float<T>(v.z); dst[3] = from_float<T>(v.w);
 }
 
 // The last block of a (batch, KV head): merge the splits' partials (unnormalised output, running
-// max and sum) in split order.
+// max and sum) in split order. smem: 8 G nsplit bytes of free shared memory.
 template <typename T, int D>
-__device__ void merge_exact_splits(long long bh0, int G, int nsplit, const float* part_o, float* part_ml,
-                                   T* out, float* lse_out) {
-  // each split's weight exp(m_s - m) / l replaces its sum in part_ml
-  __shared__ float m_all[SANTA_GMAX], inv_l[SANTA_GMAX];
-  if (threadIdx.x < G) {
-    const float* ml = part_ml + (bh0 + threadIdx.x) * nsplit * 2;
-    float m = NEG_INF;
-    for (int s = 0; s < nsplit; ++s) m = fmaxf(m, __ldcg(ml + 2 * s));
-    float l = 0.f;
+__device__ void merge_exact_splits(long long bh0, int G, int nsplit, const float* part_o, const float* part_ml,
+                                   char* smem, T* out, float* lse_out) {
+  float2* ml_sm = reinterpret_cast<float2*>(smem);      // (max, sum) per head and split, then (max, weight)
+  const float2* ml = reinterpret_cast<const float2*>(part_ml) + bh0 * nsplit;
+  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) ml_sm[i] = __ldcg(ml + i);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int g = warp; g < G; g += blockDim.x >> 5) {     // a warp per head: weight exp(m_s - m) / l
+    float2* mg = ml_sm + g * nsplit;
+    float m = NEG_INF, l = 0.f;
+    for (int s = lane; s < nsplit; s += 32) m = fmaxf(m, mg[s].x);
+    m = warp_max(m);
     if (m != NEG_INF)
-      for (int s = 0; s < nsplit; ++s) l += __expf(__ldcg(ml + 2 * s) - m) * __ldcg(ml + 2 * s + 1);
-    m_all[threadIdx.x] = m;
-    inv_l[threadIdx.x] = l > 0.f ? 1.f / l : 0.f;
-    if (lse_out) lse_out[bh0 + threadIdx.x] = l > 0.f ? m + __logf(l) : NEG_INF;
+      for (int s = lane; s < nsplit; s += 32) l = fmaf(__expf(mg[s].x - m), mg[s].y, l);
+    l = warp_sum(l);
+    const float inv_l = l > 0.f ? 1.f / l : 0.f;
+    for (int s = lane; s < nsplit; s += 32) mg[s].y = m == NEG_INF ? 0.f : __expf(mg[s].x - m) * inv_l;
+    if (lse_out && lane == 0) lse_out[bh0 + g] = l > 0.f ? m + __logf(l) : NEG_INF;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * nsplit; i += blockDim.x) {
-    const int g = i / nsplit, s = i % nsplit;
-    float* ml = part_ml + ((bh0 + g) * nsplit + s) * 2;
-    ml[1] = m_all[g] == NEG_INF ? 0.f : __expf(__ldcg(ml) - m_all[g]) * inv_l[g];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    const int g = i / D, d = i % D;
-    const float* po = part_o + (bh0 + g) * nsplit * D + d;
-    const float* ml = part_ml + (bh0 + g) * nsplit * 2 + 1;
-    float o = 0.f;
-    int s = 0;
-    for (; s + 8 <= nsplit; s += 8) {
-      float x[8], w[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) { x[u] = __ldcg(po + (long long)(s + u) * D); w[u] = __ldcg(ml + 2 * (s + u)); }
-#pragma unroll
-      for (int u = 0; u < 8; ++u) o = fmaf(w[u], x[u], o);
-    }
-    for (; s < nsplit; ++s) o = fmaf(__ldcg(ml + 2 * s), __ldcg(po + (long long)s * D), o);
-    out[(bh0 + g) * D + d] = from_float<T>(o);
+  for (int i = threadIdx.x; i < G * D / 4; i += blockDim.x) {
+    const int g = i / (D / 4), d = (i % (D / 4)) * 4;
+    store4(out + (bh0 + g) * D + d, sum_splits4<D, 8>(part_o + (bh0 + g) * nsplit * D + d, nsplit, ml_sm + g * nsplit));
   }
 }
 
@@ -367,7 +365,7 @@ __device__ __forceinline__ void exact_body(
     part_ml[((bh0 + threadIdx.x) * nsplit + split) * 2 + 1] = l_run[threadIdx.x];
   }
   if (last_block_done(counters, b * kv_heads + kvh, nsplit, &flag))
-    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, out, lse_out);
+    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, smem_raw, out, lse_out);
 }
 
 // Exact decode of a 16-bit cache (FlashDecoding): each warp keeps its own online softmax over
@@ -401,7 +399,9 @@ __device__ __forceinline__ void exact_body_pipelined(
   for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8; l per lane
 
-  WarpRing<T, D, NS, 1> ring{smem_raw + warp * NS * 2 * C::BYTES, mask_sm[warp], 2};   // NS stages of (K, V)
+  // NS stages of (K, V); refilled late when a block has only 4 warps (256-wide rows): faster there
+  // on H200, slower with 8 warps
+  WarpRing<T, D, NS, 1, (W <= 4)> ring{smem_raw + warp * NS * 2 * C::BYTES, mask_sm[warp], 2};
   // the warp's i-th chunk: chunk warp + i W of the split
   ring.run(k, v, cache, b, kvh, end, mine, [&](int i) { return start + (warp + i * W) * CHUNK_ROWS; },
            [&](int, const char* kst, u32 mask) {
@@ -471,7 +471,7 @@ __device__ __forceinline__ void exact_body_pipelined(
     }
   }
   if (last_block_done(counters, b * kv_heads + kvh, nsplit, &flag))
-    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, out, lse_out);
+    merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, smem_raw, out, lse_out);
 }
 
 // 16-bit caches run the per-warp pipelines (exact_pipe_warps x 32 threads per block, any
@@ -955,9 +955,9 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
   }
 
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-  for (int i = threadIdx.x; i < G * D; i += SANTA_THREADS) {
-    const int g = i / D, d = i % D;
-    out[(bh0 + g) * D + d] = from_float<T>(sum_splits(part_o + (bh0 + g) * nsplit * D + d, nsplit, D));
+  for (int i = threadIdx.x; i < G * D / 4; i += SANTA_THREADS) {
+    const int g = i / (D / 4), d = (i % (D / 4)) * 4;
+    store4(out + (bh0 + g) * D + d, sum_splits4<D, 4>(part_o + (bh0 + g) * nsplit * D + d, nsplit, nullptr));
   }
   if (lse_out && threadIdx.x < G) {
     const double Z = plan_Z[bh0 + threadIdx.x];

@@ -109,7 +109,10 @@ __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const
 // A warp's ring of NS stages, each a step of SC chunks of K (and then SC of V, when given): the
 // step's copies, their page lookups one step ahead, and the masks of real rows (bit r: row r of
 // the step). `pos(i)` is the first row of the warp's step i.
-template <typename T, int D, int NS, int SC>
+// Refill: when step i lands, the stage of step i - 1 is refilled before step i's body, so NS - 1
+// steps are in flight while the warp waits; with LATE, the stage of step i is refilled after its
+// body, so NS steps are in flight while the warp waits, but each refill waits for a body.
+template <typename T, int D, int NS, int SC, bool LATE = false>
 struct WarpRing {
   typedef Chunk<T, D> C;
   static constexpr int STEP_ROWS = SC * CHUNK_ROWS;
@@ -137,17 +140,25 @@ struct WarpRing {
       ahead = rows_ahead<D, STEP_ROWS>(cache, b, kvh, pos(i + 1), end);
       if ((threadIdx.x & 31) == 0) mask_sm[i % NS] = m;
     };
+    constexpr int FIRST = LATE ? NS : NS - 1;   // steps issued before the first wait
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) {
+    for (int i = 0; i < FIRST; ++i) {
       if (i < steps) issue(i);
       cp_async_commit();
     }
     for (int i = 0; i < steps; ++i) {
-      cp_async_wait<NS - 2>();
-      __syncwarp();                         // step i has landed; the stage of step i - 1 is free
-      if (i + NS - 1 < steps) issue(i + NS - 1);
-      cp_async_commit();
+      cp_async_wait<FIRST - 1>();
+      __syncwarp();                         // step i has landed (and the stage of step i - 1 is free)
+      if constexpr (!LATE) {
+        if (i + NS - 1 < steps) issue(i + NS - 1);
+        cp_async_commit();
+      }
       body(i, (const char*)stage(i), mask(i));
+      if constexpr (LATE) {
+        __syncwarp();                       // the stage of step i is free
+        if (i + NS < steps) issue(i + NS);
+        cp_async_commit();
+      }
     }
     cp_async_wait<0>();
   }

@@ -176,6 +176,9 @@ def _exact_pass(name, q, geo, out, return_lse, args):
         threads, kern = THREADS, _launch(name, dt, D, smem)
         nsplit, per = _splits(-(-geo.capacity // TILE), pairs, kern, smem)
         rows = per * TILE
+    if 8 * G * nsplit > smem:                # the split merge holds (max, weight) per head and split
+        smem = 8 * G * nsplit
+        kern = _launch(name, dt, D, smem)
     part_o = ws.get("part_o", geo.batch * geo.q_heads * nsplit * D, cupy.float32)
     part_ml = ws.get("part_ml", geo.batch * geo.q_heads * nsplit * 2, cupy.float32)
     counters = ws.get("exact_counters", pairs, cupy.int32, zero=True)
