@@ -377,9 +377,10 @@ __device__ __forceinline__ void exact_body_pipelined(
     const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
   typedef Chunk<T, D> C;
-  constexpr int W = exact_pipe_warps<D>(), NS = EXACT_PIPE_STAGES;
+  constexpr int R = exact_pipe_rings<D>(), PW = exact_ring_warps<D>(), W = R * PW, NS = EXACT_PIPE_STAGES;
+  constexpr int DW = D / PW;                                // p V dimensions of each warp of a ring
   extern __shared__ __align__(16) char smem_raw[];
-  __shared__ u32 mask_sm[W][NS];
+  __shared__ u32 mask_sm[R][NS * PW];
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
@@ -388,22 +389,22 @@ __device__ __forceinline__ void exact_body_pipelined(
   const int start = min(len, split * rows_per_split);
   const int end = min(len, start + rows_per_split);
   const int chunks = (end - start + CHUNK_ROWS - 1) / CHUNK_ROWS;
-  const int mine = chunks > warp ? (chunks - warp + W - 1) / W : 0;
+  const int rg = warp / PW, half = warp % PW;               // the warp's ring, its share of p V
+  const int mine = chunks > rg ? (chunks - rg + R - 1) / R : 0;
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   uint4 qf[D / 16];
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) qf[ks] = query_fragment<T, D>(q + bh0 * D, G, ks, lane);
   const float scale2 = scale * LOG2E;
-  float o[D / 8][4];
+  float o[DW / 8][4];                                       // dims [half DW, half DW + DW)
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  for (int j = 0; j < DW / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8; l per lane
 
-  // NS stages of (K, V); refilled late when a block has only 4 warps (256-wide rows): faster there
-  // on H200, slower with 8 warps
-  WarpRing<T, D, NS, 1, (W <= 4)> ring{smem_raw + warp * NS * 2 * C::BYTES, mask_sm[warp], 2};
-  // the warp's i-th chunk: chunk warp + i W of the split
-  ring.run(k, v, cache, b, kvh, end, mine, [&](int i) { return start + (warp + i * W) * CHUNK_ROWS; },
+  // NS stages of (K, V)
+  WarpRing<T, D, NS, 1, PW> ring{smem_raw + rg * NS * 2 * C::BYTES, mask_sm[rg], 2, 1 + rg};
+  // the ring's i-th chunk: chunk rg + i R of the split (the warps of a ring score it alike)
+  ring.run(k, v, cache, b, kvh, end, mine, [&](int i) { return start + (rg + i * R) * CHUNK_ROWS; },
            [&](int, const char* kst, u32 mask) {
     float c[2][4];
     chunk_dots<T, D>(kst, qf, c);
@@ -425,12 +426,16 @@ __device__ __forceinline__ void exact_body_pipelined(
     l_hi = l_hi * a_hi + (c[0][2] + c[0][3]) + (c[1][2] + c[1][3]);
     const uint4 pa = make_uint4(pack2<T>(c[0][0], c[0][1]), pack2<T>(c[0][2], c[0][3]),
                                 pack2<T>(c[1][0], c[1][1]), pack2<T>(c[1][2], c[1][3]));
-    // p V: ldmatrix x4 (transposed) gives the B fragments of dims [8 j, 8 j + 16) over the 16 rows
-    const char* vrow = kst + C::BYTES + (lane & 15) * C::ROW_STRIDE + (lane >> 4) * 16;
+    // the accumulators are rescaled only when a maximum moved (rare after the first chunks; a
+    // factor of exactly 1 changes nothing)
+    if (__any_sync(0xffffffffu, a_lo != 1.f || a_hi != 1.f)) {
 #pragma unroll
-    for (int j = 0; j < D / 8; j += 2) {
-      o[j][0] *= a_lo; o[j][1] *= a_lo; o[j][2] *= a_hi; o[j][3] *= a_hi;
-      o[j + 1][0] *= a_lo; o[j + 1][1] *= a_lo; o[j + 1][2] *= a_hi; o[j + 1][3] *= a_hi;
+      for (int j = 0; j < DW / 8; ++j) { o[j][0] *= a_lo; o[j][1] *= a_lo; o[j][2] *= a_hi; o[j][3] *= a_hi; }
+    }
+    // p V: ldmatrix x4 (transposed) gives the B fragments of dims [8 j, 8 j + 16) over the 16 rows
+    const char* vrow = kst + C::BYTES + (lane & 15) * C::ROW_STRIDE + (lane >> 4) * 16 + half * DW * (int)sizeof(T);
+#pragma unroll
+    for (int j = 0; j < DW / 8; j += 2) {
       u32 vb[4];
       ldmatrix_x4_trans(vb, vrow + j * 16);
       mma16816<T>(o[j], pa, vb[0], vb[1]);
@@ -439,29 +444,29 @@ __device__ __forceinline__ void exact_body_pipelined(
   });
   l_lo = quad_sum(l_lo); l_hi = quad_sum(l_hi);
 
-  // the block's partial: warps merged in a fixed order (the rings are free now)
+  // the block's partial: rings merged in a fixed order (the rings' stages are free now)
   __syncthreads();
-  float* wo = reinterpret_cast<float*>(smem_raw);                    // W x G x D
-  float* wm = wo + W * G * D;                                        // W x G
-  float* wl = wm + W * G;
+  float* wo = reinterpret_cast<float*>(smem_raw);                    // R x G x D
+  float* wm = wo + R * G * D;                                        // R x G
+  float* wl = wm + R * G;
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j) {
-    const int d = j * 8 + tig * 2;
-    if (grp < G) { wo[(warp * G + grp) * D + d] = o[j][0]; wo[(warp * G + grp) * D + d + 1] = o[j][1]; }
-    if (grp + 8 < G) { wo[(warp * G + grp + 8) * D + d] = o[j][2]; wo[(warp * G + grp + 8) * D + d + 1] = o[j][3]; }
+  for (int j = 0; j < DW / 8; ++j) {
+    const int d = half * DW + j * 8 + tig * 2;
+    if (grp < G) { wo[(rg * G + grp) * D + d] = o[j][0]; wo[(rg * G + grp) * D + d + 1] = o[j][1]; }
+    if (grp + 8 < G) { wo[(rg * G + grp + 8) * D + d] = o[j][2]; wo[(rg * G + grp + 8) * D + d + 1] = o[j][3]; }
   }
-  if (tig == 0 && grp < G) { wm[warp * G + grp] = m_lo; wl[warp * G + grp] = l_lo; }
-  if (tig == 0 && grp + 8 < G) { wm[warp * G + grp + 8] = m_hi; wl[warp * G + grp + 8] = l_hi; }
+  if (half == 0 && tig == 0 && grp < G) { wm[rg * G + grp] = m_lo; wl[rg * G + grp] = l_lo; }
+  if (half == 0 && tig == 0 && grp + 8 < G) { wm[rg * G + grp + 8] = m_hi; wl[rg * G + grp + 8] = l_hi; }
   __syncthreads();
   for (int i = threadIdx.x; i < G * (D + 1); i += W * 32) {
     const int g = i / (D + 1), d = i % (D + 1);               // d == D: the (max, sum) pair
     float mx = NEG_INF;
 #pragma unroll
-    for (int w = 0; w < W; ++w) mx = fmaxf(mx, wm[w * G + g]);
+    for (int w = 0; w < R; ++w) mx = fmaxf(mx, wm[w * G + g]);
     const float ref = mx == NEG_INF ? 0.f : mx;
     float acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < W; ++w)
+    for (int w = 0; w < R; ++w)
       acc += fast_exp2(wm[w * G + g] - ref) * (d < D ? wo[(w * G + g) * D + d] : wl[w * G + g]);
     if (d < D) {
       part_o[((bh0 + g) * nsplit + split) * D + d] = acc;
@@ -474,7 +479,7 @@ __device__ __forceinline__ void exact_body_pipelined(
     merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, smem_raw, out, lse_out);
 }
 
-// 16-bit caches run the per-warp pipelines (exact_pipe_warps x 32 threads per block, any
+// 16-bit caches run the per-warp pipelines (exact_pipe_rings x exact_ring_warps warps per block, any
 // rows_per_split), float32 the block pipeline (SANTA_THREADS per block, rows_per_split a multiple
 // of the stage rows).
 template <typename T, int D>

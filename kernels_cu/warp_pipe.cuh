@@ -7,8 +7,11 @@
 
 #define CHUNK_ROWS 16
 // santa_cupy/_gpu.py mirrors these
-#ifndef EXACT_PIPE_WARPS             // exact decode: warps per block (half that for 256-wide rows)
-#define EXACT_PIPE_WARPS 8
+#ifndef EXACT_PIPE_RINGS             // exact decode: rings per block (half that for 256-wide rows)
+#define EXACT_PIPE_RINGS 8
+#endif
+#ifndef EXACT_RING_WARPS_256         // exact decode, 256-wide rows: warps sharing a ring
+#define EXACT_RING_WARPS_256 2
 #endif
 #ifndef EXACT_PIPE_STAGES            // exact decode: ring depth per warp, K and V per stage
 #define EXACT_PIPE_STAGES 2
@@ -32,12 +35,15 @@ template <typename T, int D> struct Chunk {
   static constexpr int BYTES = CHUNK_ROWS * ROW_STRIDE;
   static constexpr int NCH = D * (int)sizeof(T) / 16;       // 16-byte pieces per row
   static constexpr int COPIES = CHUNK_ROWS * NCH / 32;      // per lane
-  static_assert(NCH <= 32 && 32 % NCH == 0, "row pieces per warp");
+  static_assert(NCH <= 32 && NCH % 8 == 0, "row pieces per warp");
 };
-// Exact decode holds K and V per stage: 256-wide rows get half the warps to fit shared memory.
-template <int D> __host__ __device__ constexpr int exact_pipe_warps() {
-  return D >= 256 ? EXACT_PIPE_WARPS / 2 : EXACT_PIPE_WARPS;
+// Exact decode holds K and V per stage: 256-wide rows get half the rings to fit shared memory,
+// and two warps share each ring (each copies half its rows and accumulates half of p V), so that
+// a multiprocessor still runs 8 warps.
+template <int D> __host__ __device__ constexpr int exact_pipe_rings() {
+  return D >= 256 ? EXACT_PIPE_RINGS / 2 : EXACT_PIPE_RINGS;
 }
+template <int D> __host__ __device__ constexpr int exact_ring_warps() { return D >= 256 ? EXACT_RING_WARPS_256 : 1; }
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y; asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x)); return y;
@@ -82,19 +88,23 @@ __device__ __forceinline__ long long rows_ahead(const Cache& cache, int b, int k
   return cache.page_table && pos < end ? cache.row(b, pos, kvh, D) : -1;
 }
 
-// The warp copies rows [pos0, pos0 + 16) of one KV head from `a` (and from `b`, when given) into
-// chunks sa (and sb); rows at or past `end`, or on an out-of-range page, read nothing and are
-// zero-filled. `ahead`: rows_ahead of a step whose row `first` is pos0. Returns the warp's mask
-// of real rows (bit r: row pos0 + r).
-template <typename T, int D>
+// The warp copies its part (of PARTS) of rows [pos0, pos0 + 16) of one KV head from `a` (and
+// from `b`, when given) into chunks sa (and sb); rows at or past `end`, or on an out-of-range
+// page, read nothing and are zero-filled. `ahead`: rows_ahead of a step whose row `first` is
+// pos0. Returns the mask of real rows among those the warp copied (bit r: row pos0 + r).
+template <typename T, int D, int PARTS = 1>
 __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const T* b_src, const Cache& cache,
-                                           int b, int kvh, int pos0, int end, long long ahead, int first) {
+                                           int b, int kvh, int pos0, int end, long long ahead, int first, int part = 0) {
   typedef Chunk<T, D> C;
+  static_assert(C::COPIES % PARTS == 0, "copies per part");
   const int lane = threadIdx.x & 31;
   u32 bits = 0;
 #pragma unroll
-  for (int i = 0; i < C::COPIES; ++i) {
-    const int c = lane + i * 32, r = c / C::NCH, piece = c % C::NCH;
+  for (int i = 0; i < C::COPIES / PARTS; ++i) {
+    // copy k: 128 bytes (8 lanes) of each of 4 rows, 4 (k / (NCH / 8)) + lane / 8 (H200: 2% faster
+    // than 256 bytes of each of 2 rows)
+    const int k = part * (C::COPIES / PARTS) + i;
+    const int r = 4 * (k / (C::NCH / 8)) + (lane >> 3), piece = 8 * (k % (C::NCH / 8)) + (lane & 7);
     const long long off = cache.page_table ? __shfl_sync(0xffffffffu, ahead, first + r)
                                            : pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
     const int dst = r * C::ROW_STRIDE + piece * 16;
@@ -108,57 +118,60 @@ __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const
 
 // A warp's ring of NS stages, each a step of SC chunks of K (and then SC of V, when given): the
 // step's copies, their page lookups one step ahead, and the masks of real rows (bit r: row r of
-// the step). `pos(i)` is the first row of the warp's step i.
-// Refill: when step i lands, the stage of step i - 1 is refilled before step i's body, so NS - 1
-// steps are in flight while the warp waits; with LATE, the stage of step i is refilled after its
-// body, so NS steps are in flight while the warp waits, but each refill waits for a body.
-template <typename T, int D, int NS, int SC, bool LATE = false>
+// the step). `pos(i)` is the first row of the warp's step i. When step i lands, the stage of step
+// i - 1 is refilled before step i's body: NS - 1 steps are in flight while the warp waits.
+// PW warps (consecutive) may share a ring: each copies 1 / PW of every step, and they wait for
+// each other on named barrier `bar_id` (1-15) where a lone warp needs only a warp barrier.
+template <typename T, int D, int NS, int SC, int PW = 1>
 struct WarpRing {
   typedef Chunk<T, D> C;
   static constexpr int STEP_ROWS = SC * CHUNK_ROWS;
   static_assert(STEP_ROWS <= 32, "a step's rows are looked up one per lane");
   char* ring;
-  u32* mask_sm;             // NS entries of this warp
+  u32* mask_sm;             // NS x PW entries of this ring
   int operands;             // 1 (K) or 2 (K, V)
+  int bar_id;               // PW > 1 only
   long long ahead;
   __device__ __forceinline__ char* stage(int i) const { return ring + (i % NS) * operands * SC * C::BYTES; }
-  __device__ __forceinline__ u32 mask(int i) const { return mask_sm[i % NS]; }
+  __device__ __forceinline__ u32 mask(int i) const {
+    u32 m = 0;
+#pragma unroll
+    for (int p = 0; p < PW; ++p) m |= mask_sm[(i % NS) * PW + p];
+    return m;
+  }
+  __device__ __forceinline__ void sync() const {
+    if constexpr (PW == 1) __syncwarp();
+    else asm volatile("bar.sync %0, %1;" :: "r"(bar_id), "n"(32 * PW) : "memory");
+  }
 
   // Runs the warp's `steps` steps: body(i, stage, mask) once step i has landed.
   template <class Pos, class Body>
   __device__ __forceinline__ void run(const T* k, const T* v, const Cache& cache, int b, int kvh, int end,
                                       int steps, Pos pos, Body body) {
     ahead = rows_ahead<D, STEP_ROWS>(cache, b, kvh, pos(0), end);
+    const int part = (threadIdx.x >> 5) % PW;
     auto issue = [&](int i) {
       char* st = stage(i);
       const int pos0 = pos(i);
       u32 m = 0;
 #pragma unroll
       for (int c = 0; c < SC; ++c)
-        m |= issue_chunk<T, D>(st + c * C::BYTES, k, v ? st + (SC + c) * C::BYTES : nullptr, v, cache, b, kvh,
-                               pos0 + c * CHUNK_ROWS, end, ahead, c * CHUNK_ROWS) << (c * CHUNK_ROWS);
+        m |= issue_chunk<T, D, PW>(st + c * C::BYTES, k, v ? st + (SC + c) * C::BYTES : nullptr, v, cache, b, kvh,
+                                   pos0 + c * CHUNK_ROWS, end, ahead, c * CHUNK_ROWS, part) << (c * CHUNK_ROWS);
       ahead = rows_ahead<D, STEP_ROWS>(cache, b, kvh, pos(i + 1), end);
-      if ((threadIdx.x & 31) == 0) mask_sm[i % NS] = m;
+      if ((threadIdx.x & 31) == 0) mask_sm[(i % NS) * PW + part] = m;
     };
-    constexpr int FIRST = LATE ? NS : NS - 1;   // steps issued before the first wait
 #pragma unroll
-    for (int i = 0; i < FIRST; ++i) {
+    for (int i = 0; i < NS - 1; ++i) {
       if (i < steps) issue(i);
       cp_async_commit();
     }
     for (int i = 0; i < steps; ++i) {
-      cp_async_wait<FIRST - 1>();
-      __syncwarp();                         // step i has landed (and the stage of step i - 1 is free)
-      if constexpr (!LATE) {
-        if (i + NS - 1 < steps) issue(i + NS - 1);
-        cp_async_commit();
-      }
+      cp_async_wait<NS - 2>();
+      sync();                               // step i has landed (and the stage of step i - 1 is free)
+      if (i + NS - 1 < steps) issue(i + NS - 1);
+      cp_async_commit();
       body(i, (const char*)stage(i), mask(i));
-      if constexpr (LATE) {
-        __syncwarp();                       // the stage of step i is free
-        if (i + NS < steps) issue(i + NS);
-        cp_async_commit();
-      }
     }
     cp_async_wait<0>();
   }

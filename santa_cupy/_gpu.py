@@ -16,7 +16,7 @@ KEY_STAGES, STAGE_DATA_BYTES = 4, 8192
 # kernels_cu/warp_pipe.cuh: per-warp pipelines of 16-bit caches (chunks of 16 rows);
 # kernels_cu/plan.cuh: statistics parts per tile
 CHUNK_ROWS, STAT_PARTS = 16, 4
-EXACT_PIPE_WARPS, EXACT_PIPE_STAGES = 8, 2
+EXACT_PIPE_RINGS, EXACT_RING_WARPS_256, EXACT_PIPE_STAGES = 8, 2, 2
 SCORE_PIPE_WARPS, SCORE_PIPE_STAGES, SCORE_PIPE_CHUNKS = 8, 2, 1
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
 MAX_TILES_PER_VALUE_BLOCK = 32
@@ -164,10 +164,11 @@ def _exact_pass(name, q, geo, out, return_lse, args):
     pairs = geo.batch * geo.kv_heads
     ws = _workspace()
     if name == "exact_decode" and _pipelined(q.dtype):
-        warps = EXACT_PIPE_WARPS // 2 if D >= 256 else EXACT_PIPE_WARPS   # kernels_cu: exact_pipe_warps
-        smem = max(warps * EXACT_PIPE_STAGES * 2 * _chunk_bytes(q.dtype, D), 4 * warps * G * (D + 2))
-        threads, kern = 32 * warps, _launch(name, dt, D, smem)
-        nsplit, rows = _splits(geo.capacity, pairs, kern, smem, threads, multiple=CHUNK_ROWS * warps)
+        # kernels_cu: exact_pipe_rings, exact_ring_warps
+        rings, ring_warps = (EXACT_PIPE_RINGS // 2, EXACT_RING_WARPS_256) if D >= 256 else (EXACT_PIPE_RINGS, 1)
+        smem = max(rings * EXACT_PIPE_STAGES * 2 * _chunk_bytes(q.dtype, D), 4 * rings * G * (D + 2))
+        threads, kern = 32 * rings * ring_warps, _launch(name, dt, D, smem)
+        nsplit, rows = _splits(geo.capacity, pairs, kern, smem, threads, multiple=CHUNK_ROWS * rings)
     else:
         vec = 16 // q.dtype.itemsize
         stage_rows = EXACT_STAGE_BYTES // (D * q.dtype.itemsize)
