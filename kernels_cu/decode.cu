@@ -479,9 +479,9 @@ __device__ __forceinline__ void exact_body_pipelined(
     merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, smem_raw, out, lse_out);
 }
 
-// 16-bit caches run the per-warp pipelines (exact_pipe_rings x exact_ring_warps warps per block, any
-// rows_per_split), float32 the block pipeline (SANTA_THREADS per block, rows_per_split a multiple
-// of the stage rows).
+// 16-bit caches run the per-warp pipelines (exact_pipe_rings x exact_ring_warps warps per block,
+// any rows_per_split), float32 the block pipeline (SANTA_THREADS per block, rows_per_split a
+// multiple of the stage rows).
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
     const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split,

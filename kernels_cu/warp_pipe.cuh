@@ -13,7 +13,7 @@
 #ifndef EXACT_RING_WARPS_256         // exact decode, 256-wide rows: warps sharing a ring
 #define EXACT_RING_WARPS_256 2
 #endif
-#ifndef EXACT_PIPE_STAGES            // exact decode: ring depth per warp, K and V per stage
+#ifndef EXACT_PIPE_STAGES            // exact decode: ring depth, K and V per stage
 #define EXACT_PIPE_STAGES 2
 #endif
 #ifndef SCORE_PIPE_WARPS             // SANTA pass 1: warps per block
