@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   constexpr int VEC = 16 / (int)sizeof(T);
   constexpr int NT = SANTA_TILE / 8 / (SANTA_THREADS / 32);  // 8-token n-tiles per warp
   static_assert(RF * CPR % SANTA_THREADS == 0 && SANTA_THREADS == SANTA_TILE && (!MMA || RF == 16), "stage shape");
-  extern __shared__ __align__(16) char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
   char* kbuf = smem_raw;                                                    // KEY_STAGES x STAGE_BYTES

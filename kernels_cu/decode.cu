@@ -214,7 +214,7 @@ __device__ __forceinline__ void exact_body(
     int stash_stride, float* part_o, float* part_ml, int* counters, T* out, float* lse_out, u32* offset_advance) {
   typedef Layout<T, D, EXACT_STAGE_BYTES> L;
   static_assert(STASH || sizeof(T) == 4, "16-bit caches score in exact_body_pipelined");
-  extern __shared__ __align__(16) char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr bool MMA = sizeof(T) == 2;
@@ -377,10 +377,11 @@ __device__ __forceinline__ void exact_body_pipelined(
     const T* q, const T* k, const T* v, CACHE_ARGS, float scale, int rows_per_split,
     float* part_o, float* part_ml, int* counters, T* out, float* lse_out) {
   typedef Chunk<T, D> C;
-  constexpr int R = exact_pipe_rings<D>(), PW = exact_ring_warps<D>(), W = R * PW, NS = EXACT_PIPE_STAGES;
+  constexpr int PW = exact_ring_warps<D>(), NS = EXACT_PIPE_STAGES;
+  const int R = blockDim.x / (32 * PW);                     // rings: at most exact_pipe_rings<D>()
   constexpr int DW = D / PW;                                // p V dimensions of each warp of a ring
-  extern __shared__ __align__(16) char smem_raw[];
-  __shared__ u32 mask_sm[R][NS * PW];
+  extern __shared__ __align__(128) char smem_raw[];
+  __shared__ u32 mask_sm[exact_pipe_rings<D>()][NS * PW];
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
@@ -433,11 +434,11 @@ __device__ __forceinline__ void exact_body_pipelined(
       for (int j = 0; j < DW / 8; ++j) { o[j][0] *= a_lo; o[j][1] *= a_lo; o[j][2] *= a_hi; o[j][3] *= a_hi; }
     }
     // p V: ldmatrix x4 (transposed) gives the B fragments of dims [8 j, 8 j + 16) over the 16 rows
-    const char* vrow = kst + C::BYTES + (lane & 15) * C::ROW_STRIDE + (lane >> 4) * 16 + half * DW * (int)sizeof(T);
+    const int vpiece = (lane >> 4) + half * DW * (int)sizeof(T) / 16;
 #pragma unroll
     for (int j = 0; j < DW / 8; j += 2) {
       u32 vb[4];
-      ldmatrix_x4_trans(vb, vrow + j * 16);
+      ldmatrix_x4_trans(vb, kst + C::BYTES + C::at(lane & 15, vpiece + j));
       mma16816<T>(o[j], pa, vb[0], vb[1]);
       mma16816<T>(o[j + 1], pa, vb[2], vb[3]);
     }
@@ -458,7 +459,7 @@ __device__ __forceinline__ void exact_body_pipelined(
   if (half == 0 && tig == 0 && grp < G) { wm[rg * G + grp] = m_lo; wl[rg * G + grp] = l_lo; }
   if (half == 0 && tig == 0 && grp + 8 < G) { wm[rg * G + grp + 8] = m_hi; wl[rg * G + grp + 8] = l_hi; }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * (D + 1); i += W * 32) {
+  for (int i = threadIdx.x; i < G * (D + 1); i += blockDim.x) {
     const int g = i / (D + 1), d = i % (D + 1);               // d == D: the (max, sum) pair
     float mx = NEG_INF;
 #pragma unroll
@@ -479,8 +480,8 @@ __device__ __forceinline__ void exact_body_pipelined(
     merge_exact_splits<T, D>(bh0, G, nsplit, part_o, part_ml, smem_raw, out, lse_out);
 }
 
-// 16-bit caches run the per-warp pipelines (exact_pipe_rings x exact_ring_warps warps per block,
-// any rows_per_split), float32 the block pipeline (SANTA_THREADS per block, rows_per_split a
+// 16-bit caches run the per-warp pipelines (up to exact_pipe_rings x exact_ring_warps warps per
+// block, any rows_per_split), float32 the block pipeline (SANTA_THREADS per block, rows_per_split a
 // multiple of the stage rows).
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS) exact_decode(
@@ -529,7 +530,7 @@ __device__ __forceinline__ void scores_body_pipelined(
   typedef Chunk<T, D> C;
   constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES, SC = SCORE_PIPE_CHUNKS;
   constexpr int PART = SANTA_TILE / STAT_PARTS, SPP = PART / (SC * CHUNK_ROWS);   // rows, steps per part
-  extern __shared__ __align__(16) char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   __shared__ u32 mask_sm[W][NS];
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
@@ -611,7 +612,7 @@ __device__ __forceinline__ void scores_body(
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
     float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
   typedef Layout<T, D, SCORE_STAGE_BYTES> L;
-  extern __shared__ __align__(16) char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   char* kbuf = smem_raw;                                                          // SCORE_STAGES x STAGE_BYTES
@@ -779,7 +780,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
     float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
   constexpr int E = RowSlice<T, D>::E;
-  extern __shared__ __align__(16) char smem_raw[];
+  extern __shared__ __align__(128) char smem_raw[];
   wait_for_previous_kernel();      // pass 1's stash and plan
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

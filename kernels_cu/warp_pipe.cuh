@@ -7,7 +7,7 @@
 
 #define CHUNK_ROWS 16
 // santa_cupy/_gpu.py mirrors these
-#ifndef EXACT_PIPE_RINGS             // exact decode: rings per block (half that for 256-wide rows)
+#ifndef EXACT_PIPE_RINGS             // exact decode: most rings per block (half that for 256-wide rows)
 #define EXACT_PIPE_RINGS 8
 #endif
 #ifndef EXACT_RING_WARPS_256         // exact decode, 256-wide rows: warps sharing a ring
@@ -28,14 +28,18 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// Stage layout of one operand: 16 rows, each padded by 16 bytes so that the 8 rows an ldmatrix
-// reads fall in distinct banks.
+// Stage layout of one operand: 16 unpadded rows; 16-byte piece p of row r sits at piece
+// p ^ (r % 8) of the row. The 8 rows an ldmatrix reads fall in distinct banks, and the 8 lanes
+// that copy 128 bytes of a row fill one 128-byte line of shared memory (stage bases are 128-byte
+// aligned): with rows padded to 272 bytes, that line straddled two and the L2 saw 1.5x the
+// sectors (H200, bench/NOTES.md version 32).
 template <typename T, int D> struct Chunk {
-  static constexpr int ROW_STRIDE = D * (int)sizeof(T) + 16;
-  static constexpr int BYTES = CHUNK_ROWS * ROW_STRIDE;
-  static constexpr int NCH = D * (int)sizeof(T) / 16;       // 16-byte pieces per row
+  static constexpr int ROW_BYTES = D * (int)sizeof(T);
+  static constexpr int BYTES = CHUNK_ROWS * ROW_BYTES;
+  static constexpr int NCH = ROW_BYTES / 16;                // 16-byte pieces per row
   static constexpr int COPIES = CHUNK_ROWS * NCH / 32;      // per lane
   static_assert(NCH <= 32 && NCH % 8 == 0, "row pieces per warp");
+  static __device__ __forceinline__ int at(int r, int p) { return r * ROW_BYTES + ((p ^ (r & 7)) << 4); }
 };
 // Exact decode holds K and V per stage: 256-wide rows get half the rings to fit shared memory,
 // and two warps share each ring (each copies half its rows and accumulates half of p V), so that
@@ -107,7 +111,7 @@ __device__ __forceinline__ u32 issue_chunk(char* sa, const T* a, char* sb, const
     const int r = 4 * (k / (C::NCH / 8)) + (lane >> 3), piece = 8 * (k % (C::NCH / 8)) + (lane & 7);
     const long long off = cache.page_table ? __shfl_sync(0xffffffffu, ahead, first + r)
                                            : pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
-    const int dst = r * C::ROW_STRIDE + piece * 16;
+    const int dst = C::at(r, piece);
     const long long src = off >= 0 ? off + piece * (16 / (int)sizeof(T)) : 0;
     cp_async16(sa + dst, a + src, off >= 0);
     if (b_src) cp_async16(sb + dst, b_src + src, off >= 0);
@@ -186,11 +190,11 @@ __device__ __forceinline__ void chunk_dots(const char* kst, const uint4 (&qf)[D 
 #pragma unroll
   for (int nt = 0; nt < 2; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
   // ldmatrix x4: rows 0-7 and 8-15, each at dims [16 ks, 16 ks + 8) and [16 ks + 8, 16 ks + 16)
-  const char* base = kst + ((lane & 7) + ((lane >> 4) << 3)) * C::ROW_STRIDE + ((lane >> 3) & 1) * 16;
+  const int row = (lane & 7) + ((lane >> 4) << 3), piece = (lane >> 3) & 1;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     u32 kb[4];
-    ldmatrix_x4(kb, base + ks * 32);
+    ldmatrix_x4(kb, kst + C::at(row, 2 * ks + piece));
     mma16816<T>(c[0], qf[ks], kb[0], kb[1]);
     mma16816<T>(c[1], qf[ks], kb[2], kb[3]);
   }

@@ -17,7 +17,7 @@ CASES = [  # dtype, dim, q_heads, kv_heads, page_size
     *[(dt, d, 8, 2, None) for dt, d in itertools.product(("float32", "float16", "bfloat16"), (64, 128, 256))],
     ("bfloat16", 128, 32, 8, None), ("bfloat16", 128, 8, 8, None), ("float16", 128, 16, 1, None),
     ("bfloat16", 128, 12, 4, 16), ("float16", 64, 6, 2, 1), ("float32", 256, 4, 1, 256),
-    ("bfloat16", 128, 10, 5, 7), ("float16", 128, 2, 2, 33),
+    ("bfloat16", 128, 10, 5, 7), ("float16", 128, 2, 2, 33), ("float16", 256, 8, 2, 16),
 ]
 
 
