@@ -83,13 +83,16 @@ template <typename T, int D, int SB = 8192> struct Layout {
   static constexpr int CPL = NCH / LPR;                // chunks per lane
   static constexpr int RPP = SANTA_THREADS / LPR;      // rows per pass of the block
   static constexpr int ROW_BYTES = D * (int)sizeof(T);
-  static constexpr int ROW_STRIDE = ROW_BYTES + 16;   // padding: column reads hit distinct banks
   static constexpr int R = SB / ROW_BYTES;             // rows per stage
-  static constexpr int STAGE_BYTES = R * ROW_STRIDE;
+  static constexpr int STAGE_BYTES = R * ROW_BYTES;
   static constexpr int RPT = R / RPP;                  // rows per thread per stage
   static constexpr int CPT = R * NCH / SANTA_THREADS;  // 16-byte copies per thread per stage
   static constexpr int IPT = (SANTA_GMAX * NCH + SANTA_THREADS - 1) / SANTA_THREADS;  // (head, chunk) items per thread
-  static_assert(R % RPP == 0 && SANTA_TILE % R == 0, "stage rows");
+  static_assert(R % RPP == 0 && SANTA_TILE % R == 0 && NCH % 8 == 0, "stage rows");
+  // Byte offset of 16-byte chunk ch of row r: rows unpadded, chunks swizzled as in Chunk
+  // (warp_pipe.cuh): ldmatrix and column reads of 8 rows hit distinct banks, and each 128 bytes a
+  // copy fills is one 128-byte line of shared memory.
+  static __device__ __forceinline__ int at(int r, int ch) { return r * ROW_BYTES + ((ch ^ (r & 7)) << 4); }
 };
 
 // Asynchronous 16-byte global->shared copy; `valid == false` writes zeros and reads nothing.

@@ -36,7 +36,7 @@ __device__ __forceinline__ void issue_stage(char* buf, unsigned char* ok_sm, con
   for (int i = 0; i < L::CPT; ++i) {
     const int c = threadIdx.x + i * SANTA_THREADS, r = c / L::NCH, ch = c % L::NCH;
     const long long off = pos0 + r < end ? cache.row(b, pos0 + r, kvh, D) : -1;
-    cp_async16(buf + r * L::ROW_STRIDE + ch * 16, off >= 0 ? (const void*)(base + off + ch * L::VEC) : (const void*)base,
+    cp_async16(buf + L::at(r, ch), off >= 0 ? (const void*)(base + off + ch * L::VEC) : (const void*)base,
                off >= 0);
     if (ok_sm && ch == 0) ok_sm[r] = off >= 0;
   }
@@ -55,7 +55,7 @@ __device__ __forceinline__ void stage_scores(const char* buf, const unsigned cha
 #pragma unroll
     for (int c = 0; c < L::CPL; ++c) {
       const int r = slot + j * L::RPP;
-      uint4 w = *reinterpret_cast<const uint4*>(buf + r * L::ROW_STRIDE + (lane_in_row + c * L::LPR) * 16);
+      uint4 w = *reinterpret_cast<const uint4*>(buf + L::at(r, lane_in_row + c * L::LPR));
       Vec<T>::unpack(w, kf[j] + c * L::VEC);
     }
   for (int g = 0; g < G; ++g) {
@@ -317,7 +317,7 @@ __device__ __forceinline__ void exact_body(
 #pragma unroll
         for (int j = 0; j < NDT; ++j) {
           u32 b0, b1;
-          ldmatrix_x2_trans(b0, b1, vb + (ks * 16 + (lane & 15)) * L::ROW_STRIDE + (warp + j * 8) * 16);
+          ldmatrix_x2_trans(b0, b1, vb + L::at(ks * 16 + (lane & 15), warp + j * 8));
           mma16816<T>(pacc[j], a, b0, b1);
         }
       }
@@ -333,7 +333,7 @@ __device__ __forceinline__ void exact_body(
           for (int r = it.phase; r < L::R; r += it.phases) {
             const float p = p_sm[g * L::R + r];
             float f[L::VEC];
-            Vec<T>::unpack(*reinterpret_cast<const uint4*>(vb + r * L::ROW_STRIDE + ch * 16), f);
+            Vec<T>::unpack(*reinterpret_cast<const uint4*>(vb + L::at(r, ch)), f);
 #pragma unroll
             for (int i = 0; i < L::VEC; ++i) acc[j][i] = fmaf(p, f[i], acc[j][i]);
           }

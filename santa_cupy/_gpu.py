@@ -62,7 +62,7 @@ def _call_counter():
 
 def _stage_bytes(dtype, dim, data_bytes):
     row = dim * dtype.itemsize
-    return (data_bytes // row) * (row + 16)
+    return (data_bytes // row) * row
 
 
 def _pipelined(dtype):
