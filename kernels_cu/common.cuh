@@ -75,6 +75,13 @@ template <> struct Vec<f16_t> {
 };
 
 // Thread layout over one cache row of D elements: LPR lanes read CPL 16-byte chunks each.
+// Shared-memory stages hold unpadded rows; 16-byte piece p of row r sits at piece p ^ (r % 8) of
+// the row. The 8 rows an ldmatrix (or a column read) touches fall in distinct banks, and the 8
+// lanes that copy 128 bytes of a row fill one 128-byte line of shared memory (stage bases are
+// 128-byte aligned): with rows padded by 16 bytes, that line straddled two and the L2 saw 1.5x
+// the sectors (H200, bench/NOTES.md version 32).
+__device__ __forceinline__ int swizzled(int r, int p, int row_bytes) { return r * row_bytes + ((p ^ (r & 7)) << 4); }
+
 // Rows stream through shared memory in stages of R rows (SB bytes of data) per operand.
 template <typename T, int D, int SB = 8192> struct Layout {
   static constexpr int VEC = Vec<T>::N;
@@ -89,10 +96,7 @@ template <typename T, int D, int SB = 8192> struct Layout {
   static constexpr int CPT = R * NCH / SANTA_THREADS;  // 16-byte copies per thread per stage
   static constexpr int IPT = (SANTA_GMAX * NCH + SANTA_THREADS - 1) / SANTA_THREADS;  // (head, chunk) items per thread
   static_assert(R % RPP == 0 && SANTA_TILE % R == 0 && NCH % 8 == 0, "stage rows");
-  // Byte offset of 16-byte chunk ch of row r: rows unpadded, chunks swizzled as in Chunk
-  // (warp_pipe.cuh): ldmatrix and column reads of 8 rows hit distinct banks, and each 128 bytes a
-  // copy fills is one 128-byte line of shared memory.
-  static __device__ __forceinline__ int at(int r, int ch) { return r * ROW_BYTES + ((ch ^ (r & 7)) << 4); }
+  static __device__ __forceinline__ int at(int r, int ch) { return swizzled(r, ch, ROW_BYTES); }
 };
 
 // Asynchronous 16-byte global->shared copy; `valid == false` writes zeros and reads nothing.

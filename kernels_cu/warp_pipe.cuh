@@ -28,18 +28,14 @@
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
-// Stage layout of one operand: 16 unpadded rows; 16-byte piece p of row r sits at piece
-// p ^ (r % 8) of the row. The 8 rows an ldmatrix reads fall in distinct banks, and the 8 lanes
-// that copy 128 bytes of a row fill one 128-byte line of shared memory (stage bases are 128-byte
-// aligned): with rows padded to 272 bytes, that line straddled two and the L2 saw 1.5x the
-// sectors (H200, bench/NOTES.md version 32).
+// Stage layout of one operand: 16 rows, swizzled (common.cuh).
 template <typename T, int D> struct Chunk {
   static constexpr int ROW_BYTES = D * (int)sizeof(T);
   static constexpr int BYTES = CHUNK_ROWS * ROW_BYTES;
   static constexpr int NCH = ROW_BYTES / 16;                // 16-byte pieces per row
   static constexpr int COPIES = CHUNK_ROWS * NCH / 32;      // per lane
   static_assert(NCH <= 32 && NCH % 8 == 0, "row pieces per warp");
-  static __device__ __forceinline__ int at(int r, int p) { return r * ROW_BYTES + ((p ^ (r & 7)) << 4); }
+  static __device__ __forceinline__ int at(int r, int p) { return swizzled(r, p, ROW_BYTES); }
 };
 // Exact decode holds K and V per stage: 256-wide rows get half the rings to fit shared memory,
 // and two warps share each ring (each copies half its rows and accumulates half of p V), so that
