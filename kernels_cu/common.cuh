@@ -74,7 +74,6 @@ template <> struct Vec<f16_t> {
   }
 };
 
-// Thread layout over one cache row of D elements: LPR lanes read CPL 16-byte chunks each.
 // Shared-memory stages hold unpadded rows; 16-byte piece p of row r sits at piece p ^ (r % 8) of
 // the row. The 8 rows an ldmatrix (or a column read) touches fall in distinct banks, and the 8
 // lanes that copy 128 bytes of a row fill one 128-byte line of shared memory (stage bases are
@@ -82,6 +81,7 @@ template <> struct Vec<f16_t> {
 // the sectors (H200, bench/NOTES.md version 32).
 __device__ __forceinline__ int swizzled(int r, int p, int row_bytes) { return r * row_bytes + ((p ^ (r & 7)) << 4); }
 
+// Thread layout over one cache row of D elements: LPR lanes read CPL 16-byte chunks each.
 // Rows stream through shared memory in stages of R rows (SB bytes of data) per operand.
 template <typename T, int D, int SB = 8192> struct Layout {
   static constexpr int VEC = Vec<T>::N;
