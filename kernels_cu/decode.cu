@@ -381,7 +381,7 @@ __device__ __forceinline__ void exact_body_pipelined(
   const int R = blockDim.x / (32 * PW);                     // rings: at most exact_pipe_rings<D>()
   constexpr int DW = D / PW;                                // p V dimensions of each warp of a ring
   extern __shared__ __align__(128) char smem_raw[];
-  __shared__ u32 mask_sm[exact_pipe_rings<D>()][NS * PW];
+  __shared__ u32 mask_sm[exact_pipe_rings<D>()][NS];
   __shared__ int flag;
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
@@ -403,7 +403,7 @@ __device__ __forceinline__ void exact_body_pipelined(
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8; l per lane
 
   // NS stages of (K, V)
-  WarpRing<T, D, NS, 1, PW> ring{smem_raw + rg * NS * 2 * C::BYTES, mask_sm[rg], 2, 1 + rg};
+  WarpRing<T, D, NS, 1, 2, PW> ring{smem_raw + rg * NS * 2 * C::BYTES, mask_sm[rg], 1 + rg};
   // the ring's i-th chunk: chunk rg + i R of the split (the warps of a ring score it alike)
   ring.run(k, v, cache, b, kvh, end, mine, [&](int i) { return start + (rg + i * R) * CHUNK_ROWS; },
            [&](int, const char* kst, u32 mask) {
@@ -547,7 +547,7 @@ __device__ __forceinline__ void scores_body_pipelined(
   for (int ks = 0; ks < D / 16; ++ks) qf[ks] = query_fragment<T, D>(q + bh0 * D, G, ks, lane);
   float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.f, l_hi = 0.f;   // heads grp and grp + 8, this lane's rows
 
-  WarpRing<T, D, NS, SC> ring{smem_raw + warp * NS * SC * C::BYTES, mask_sm[warp], 1};
+  WarpRing<T, D, NS, SC, 1> ring{smem_raw + warp * NS * SC * C::BYTES, mask_sm[warp]};
   // the warp's i-th step: step i % SPP of part warp + (i / SPP) W of the split
   auto step_pos = [&](int i) { return start + (warp + (i / SPP) * W) * PART + (i % SPP) * SC * CHUNK_ROWS; };
   ring.run(k, (const T*)nullptr, cache, b, kvh, end, mine, step_pos, [&](int i, const char* st, u32 mask) {

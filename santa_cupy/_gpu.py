@@ -87,6 +87,19 @@ def _launch(name, dtype_name, dim, smem):
     return k
 
 
+_sm_counts = {}
+
+
+def _sm_count():
+    """Multiprocessors of the current device, looked up once (``Device().attributes`` reads them all)."""
+    rt = cupy.cuda.runtime
+    dev = rt.getDevice()
+    n = _sm_counts.get(dev)
+    if n is None:
+        n = _sm_counts[dev] = rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, dev)
+    return n
+
+
 _resident = {}
 
 
@@ -106,7 +119,7 @@ def _blocks_per_sm(kernel, smem, threads):
 def _splits(units, pairs, kernel, smem, threads=THREADS, max_per=None, multiple=1):
     """(splits, units per split): one full wave of resident blocks over the (batch, KV head) pairs,
     each split a whole number of ``multiple`` units where it exceeds one ``multiple``."""
-    slots = cupy.cuda.Device().attributes["MultiProcessorCount"] * _blocks_per_sm(kernel, smem, threads)
+    slots = _sm_count() * _blocks_per_sm(kernel, smem, threads)
     want = max(1, slots // pairs)
     per = max(1, -(-units // want))
     if per > multiple:
@@ -171,7 +184,7 @@ def _exact_pass(name, q, geo, out, return_lse, args):
         if D >= 256:
             rings, ring_warps = EXACT_PIPE_RINGS // 2, EXACT_RING_WARPS_256
         else:
-            many = geo.paged or pairs >= cupy.cuda.Device().attributes["MultiProcessorCount"]
+            many = geo.paged or pairs >= _sm_count()
             rings, ring_warps = EXACT_PIPE_RINGS // (2 if many else 1), 1
         smem = max(rings * EXACT_PIPE_STAGES * 2 * _chunk_bytes(q.dtype, D), 4 * rings * G * (D + 2))
         threads, kern = 32 * rings * ring_warps, _launch(name, dt, D, smem)

@@ -28,7 +28,17 @@ def _ids(c):
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_exact_matches_reference(case):
     dt, dim, hq, hk, ps = case
-    p = problem(1, 3, hq, hk, dim, 1000, dt, lens=[1000, 1, 513], page_size=ps)
+    _check_exact(problem(1, 3, hq, hk, dim, 1000, dt, lens=[1000, 1, 513], page_size=ps), dt)
+
+
+def test_exact_matches_reference_when_pairs_fill_the_multiprocessors():
+    # as many (sequence, KV head) pairs as multiprocessors: blocks of 4 rings on a contiguous cache
+    sms = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMultiProcessorCount,
+                                                 cupy.cuda.runtime.getDevice())
+    _check_exact(problem(2, -(-sms // 16), 32, 16, 128, 700, "bfloat16"), "bfloat16")
+
+
+def _check_exact(p, dt):
     g = to_gpu(p)
     out, lse = sc.decode_exact(**g, return_lse=True)
     assert out.dtype == g["q"].dtype and out.shape == g["q"].shape
