@@ -114,20 +114,28 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 struct Cache {
   const int* page_table;   // (batch, max_pages) or null
   int max_pages, page_size, num_pages, capacity, kv_heads;
+  u32 page_magic;          // pos / page_size = (umulhi(pos, page_magic) + pos) >> page_shift for
+  int page_shift;          // 0 <= pos < 2^31: a multiply and a shift per row instead of a division
+  // Slot of position pos in its sequence's page-table row.
+  __device__ __forceinline__ int page_slot(int pos) const {
+    return (int)((__umulhi((u32)pos, page_magic) + (u32)pos) >> page_shift);
+  }
   // Element offset of (b, pos, kvh, 0), or -1 where the page index is out of range.
   __device__ __forceinline__ long long row(int b, int pos, int kvh, int D) const {
     long long r;
     if (page_table) {
-      int page = page_table[(long long)b * max_pages + pos / page_size];
+      const int slot = page_slot(pos);
+      const int page = page_table[(long long)b * max_pages + slot];
       if (page < 0 || page >= num_pages) return -1;
-      r = (long long)page * page_size + pos % page_size;
+      r = (long long)page * page_size + (pos - slot * page_size);
     } else {
       r = (long long)b * capacity + pos;
     }
     return (r * kv_heads + kvh) * D;
   }
   // Feature-major cache ((batch, kv_heads, D, capacity) or (num_pages, kv_heads, D, page_size)):
-  // element offset of (b, pos, kvh, feature 0), or -1 where the page index is out of range.
+  // element offset of (b, pos, kvh, feature 0), or -1 where the page index is out of range (once
+  // per tile, so a division is fine).
   // Feature f lies fm_width() elements further.
   __device__ __forceinline__ long long fm_row(int b, int pos, int kvh, int D) const {
     if (page_table) {
@@ -139,6 +147,16 @@ struct Cache {
   }
   __device__ __forceinline__ long long fm_width() const { return page_table ? page_size : capacity; }
 };
+
+__device__ __forceinline__ Cache make_cache(const int* page_table, int max_pages, int page_size, int num_pages,
+                                            int capacity, int kv_heads) {
+  Cache c = {page_table, max_pages, page_size, num_pages, capacity, kv_heads, 0u, 0};
+  if (page_table) {                                   // page_size >= 1
+    c.page_shift = 32 - __clz(page_size - 1);         // ceil(log2(page_size))
+    c.page_magic = (u32)((((1ull << c.page_shift) - page_size) << 32) / page_size + 1);
+  }
+  return c;
+}
 
 __device__ __forceinline__ int clamp_len(const int* kv_lens, int b, int capacity) {
   if (!kv_lens) return capacity;

@@ -137,7 +137,7 @@ template <typename T, int D> struct Items {
 
 #define CACHE_ARGS const int *kv_lens, const int *page_table, int max_pages, int page_size, \
                    int num_pages, int capacity, int kv_heads, int q_heads
-#define MAKE_CACHE Cache cache = {page_table, max_pages, page_size, num_pages, capacity, kv_heads}
+#define MAKE_CACHE const Cache cache = make_cache(page_table, max_pages, page_size, num_pages, capacity, kv_heads)
 
 // The sum over a head's splits, in split order, of 4 consecutive floats of their partials
 // (p: split 0's, D floats apart), weighted by w[s].y when w is given; U loads in flight.
@@ -671,9 +671,9 @@ __device__ __forceinline__ void scores_body(
 
 // 16-bit caches run the per-warp pipelines (SCORE_PIPE_WARPS x 32 threads per block, statistics
 // per part of a tile, rows_per_split a multiple of the part), float32 the block pipeline
-// (SANTA_THREADS per block, statistics per tile, rows_per_split a multiple of the tile). Two
-// blocks per SM (about 96 registers) stream faster than three (80) on 16-bit caches; 256-wide rows
-// keep their registers (their stages allow one block).
+// (SANTA_THREADS per block, statistics per tile, rows_per_split a multiple of the tile). The bound
+// allows 128 registers: two float32 blocks per SM, three 16-bit ones (4 warps, 2 chunks per stage:
+// shared memory allows three); 256-wide rows keep their registers (their stages allow one block).
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,

@@ -17,13 +17,13 @@
 #define EXACT_PIPE_STAGES 2
 #endif
 #ifndef SCORE_PIPE_WARPS             // SANTA pass 1: warps per block
-#define SCORE_PIPE_WARPS 8
+#define SCORE_PIPE_WARPS 4
 #endif
 #ifndef SCORE_PIPE_STAGES            // SANTA pass 1: ring depth per warp, K per stage
 #define SCORE_PIPE_STAGES 2
 #endif
 #ifndef SCORE_PIPE_CHUNKS            // SANTA pass 1: chunks per stage
-#define SCORE_PIPE_CHUNKS 1
+#define SCORE_PIPE_CHUNKS 2
 #endif
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
