@@ -961,9 +961,24 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
   }
 
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-  for (int i = threadIdx.x; i < G * D / 4; i += SANTA_THREADS) {
-    const int g = i / (D / 4), d = (i % (D / 4)) * 4;
-    store4(out + (bh0 + g) * D + d, sum_splits4<D, 4>(part_o + (bh0 + g) * nsplit * D + d, nsplit, nullptr));
+  // Each head's sum over the splits, in split order: R runs of consecutive splits per output
+  // float4 on R neighbouring lanes, so that every thread has loads in flight; the first lane adds
+  // the runs in order.
+  const int elems = G * D / 4;
+  int R = 1;
+  while (2 * R * elems <= SANTA_THREADS && 2 * R <= nsplit) R *= 2;
+  const int per_run = (nsplit + R - 1) / R;
+  for (int i0 = 0; i0 < R * elems; i0 += SANTA_THREADS) {
+    const int i = i0 + threadIdx.x, e = i / R, g = e / (D / 4), d = (e % (D / 4)) * 4;
+    const int s0 = min(nsplit, (i % R) * per_run), s1 = min(nsplit, s0 + per_run);
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (e < elems) o = sum_splits4<D, 8>(part_o + ((bh0 + g) * nsplit + s0) * D + d, s1 - s0, nullptr);
+    float4 sum = o;
+    for (int r = 1; r < R; ++r) {
+      sum.x += __shfl_down_sync(0xffffffffu, o.x, r); sum.y += __shfl_down_sync(0xffffffffu, o.y, r);
+      sum.z += __shfl_down_sync(0xffffffffu, o.z, r); sum.w += __shfl_down_sync(0xffffffffu, o.w, r);
+    }
+    if (e < elems && i % R == 0) store4(out + (bh0 + g) * D + d, sum);
   }
   if (lse_out && threadIdx.x < G) {
     const double Z = plan_Z[bh0 + threadIdx.x];
