@@ -963,7 +963,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   // Each head's sum over the splits, in split order: R runs of consecutive splits per output
   // float4 on R neighbouring lanes, so that every thread has loads in flight; the first lane adds
-  // the runs in order.
+  // the runs in order. (merge_exact_splits keeps one run: runs gained nothing there, NOTES v40.)
   const int elems = G * D / 4;
   int R = 1;
   while (2 * R * elems <= SANTA_THREADS && 2 * R <= nsplit) R *= 2;
