@@ -236,19 +236,19 @@ __device__ __forceinline__ void let_dependent_kernel_start() {
 }
 
 // Signals that this block is the last of `total` blocks to finish the work of `slot`; the
-// last one may then read what the others wrote. Resets the counter for the next call.
+// last one may then read what the others wrote. Resets the counter for the next call. One
+// acquire-release atomic by one thread orders the whole block's writes (the barrier before it
+// makes them its own), as a grid barrier does; no thread waits in a full fence.
 __device__ __forceinline__ bool last_block_done(int* counters, int slot, int total, int* flag_sm) {
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
-    int prev = atomicAdd(counters + slot, 1);
+    int prev;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counters + slot) : "memory");
     *flag_sm = (prev == total - 1);
     if (*flag_sm) counters[slot] = 0;
   }
   __syncthreads();
-  bool last = *flag_sm;
-  if (last) __threadfence();
-  return last;
+  return *flag_sm;
 }
 
 // ------------------------------------------------------------------ tensor cores (16-bit types)
