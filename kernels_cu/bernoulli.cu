@@ -134,9 +134,9 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
     const T* q, const T* k, CACHE_ARGS, float scale, int tiles_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off,
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready,
     int key_draws, int key_stratified, int key_group) {
-  let_dependent_kernel_start();     // pass 2 waits for this kernel's results
+  let_dependent_kernel_start();     // pass 2 waits for the plans it needs
   constexpr bool MMA = sizeof(T) == 2;
   constexpr int ROW_BYTES = SANTA_TILE * (int)sizeof(T);   // one feature over a tile
   constexpr int ROW_STRIDE = ROW_BYTES + 16;              // padding: ldmatrix rows hit distinct banks
@@ -296,5 +296,5 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S, st, plan_M, plan_Z, plan_P, plan_pos,
-                plan_off, smem_raw);
+                plan_off, ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
 }

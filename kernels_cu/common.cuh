@@ -235,20 +235,43 @@ __device__ __forceinline__ void let_dependent_kernel_start() {
 #endif
 }
 
+// Thread 0's acquire-release increment of a completion counter: true for the last of `total`
+// arrivals, which resets the counter for the next call.
+__device__ __forceinline__ bool last_arrival(int* counter, int total) {
+  int prev;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counter) : "memory");
+  if (prev != total - 1) return false;
+  *counter = 0;
+  return true;
+}
+
 // Signals that this block is the last of `total` blocks to finish the work of `slot`; the
-// last one may then read what the others wrote. Resets the counter for the next call. One
-// acquire-release atomic by one thread orders the whole block's writes (the barrier before it
-// makes them its own), as a grid barrier does; no thread waits in a full fence.
+// last one may then read what the others wrote. One acquire-release atomic by one thread orders
+// the whole block's writes (the barrier before it makes them its own), as a grid barrier does;
+// no thread waits in a full fence.
 __device__ __forceinline__ bool last_block_done(int* counters, int slot, int total, int* flag_sm) {
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int prev;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(prev) : "l"(counters + slot) : "memory");
-    *flag_sm = (prev == total - 1);
-    if (*flag_sm) counters[slot] = 0;
-  }
+  if (threadIdx.x == 0) *flag_sm = last_arrival(counters + slot, total);
   __syncthreads();
   return *flag_sm;
+}
+
+// A flag between kernels that run at the same time: `publish` makes the block's writes before it
+// visible to any block that has seen the flag in `wait_published`. The reader resets the flag.
+__device__ __forceinline__ void publish(int* flag) {
+  __syncthreads();
+  if (threadIdx.x == 0) asm volatile("st.release.gpu.global.s32 [%0], 1;" :: "l"(flag) : "memory");
+}
+__device__ __forceinline__ void wait_published(const int* flag) {
+  if (threadIdx.x == 0) {
+    int v;
+    for (;;) {
+      asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(flag) : "memory");
+      if (v) break;
+      __nanosleep(256);
+    }
+  }
+  __syncthreads();
 }
 
 // ------------------------------------------------------------------ tensor cores (16-bit types)

@@ -526,7 +526,7 @@ __device__ __forceinline__ void scores_body_pipelined(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
   typedef Chunk<T, D> C;
   constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES, SC = SCORE_PIPE_CHUNKS;
   constexpr int PART = SANTA_TILE / STAT_PARTS, SPP = PART / (SC * CHUNK_ROWS);   // rows, steps per part
@@ -601,7 +601,8 @@ __device__ __forceinline__ void scores_body_pipelined(
   });
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   build_plan<STAT_PARTS>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
-                         Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+                         Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
+                         ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
 }
 
 // Pass 1 on a float32 cache: block-wide stages, scores on CUDA cores through shared memory.
@@ -610,7 +611,7 @@ __device__ __forceinline__ void scores_body(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
   typedef Layout<T, D, SCORE_STAGE_BYTES> L;
   extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
@@ -666,7 +667,8 @@ __device__ __forceinline__ void scores_body(
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
 
   build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
-                Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off, smem_raw);
+                Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
+                ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
 }
 
 // 16-bit caches run the per-warp pipelines (SCORE_PIPE_WARPS x 32 threads per block, statistics
@@ -674,22 +676,24 @@ __device__ __forceinline__ void scores_body(
 // (SANTA_THREADS per block, statistics per tile, rows_per_split a multiple of the tile). The bound
 // allows 128 registers: two float32 blocks per SM, three 16-bit ones (4 warps, 2 chunks per stage:
 // shared memory allows three); 256-wide rows keep their registers (their stages allow one block).
+// `ready`: one flag per (sequence, KV head) on which its plan is published (or null): pass 2 runs
+// beside this kernel on the pairs it has finished.
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off) {
-  let_dependent_kernel_start();     // pass 2 waits for this kernel's results
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
+  let_dependent_kernel_start();     // pass 2 waits for the plans it needs
   if constexpr (sizeof(T) == 2)
     scores_body_pipelined<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
                                 q_heads, scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l,
                                 counters, scheme, S, keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z,
-                                plan_P, plan_pos, plan_off);
+                                plan_P, plan_pos, plan_off, ready);
   else
     scores_body<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,
                       scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, counters, scheme, S,
-                      keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off);
+                      keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off, ready);
 }
 
 // Number of global draw positions below x (scheme iid, stratified or systematic).
@@ -710,7 +714,7 @@ __device__ __forceinline__ int draws_below(int scheme, double x, int S, double U
   int lo = 0, hi = S;
   while (lo < hi) {
     int mid = (lo + hi) >> 1;
-    if (__ldg(pos + mid) < x) lo = mid + 1; else hi = mid;
+    if (__ldcg(pos + mid) < x) lo = mid + 1; else hi = mid;
   }
   return lo;
 }
@@ -772,6 +776,12 @@ template <typename T, int D> struct RowSlice {
 // per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of the head's
 // output. Warps split the heads of the group, then the block's tiles; the block sums its warps
 // in a fixed order per head and the last block merges the splits.
+// A block starts once pass 1 has published its (sequence, KV head)'s plan, while pass 1 may still
+// score other pairs. `counters` holds the split counters, then the published flags (reset here
+// once every block of the pair is done), then a count of finished pairs (the last one advances
+// the call counter: by then every plan has read it). Shared memory is kept small enough for one
+// block beside three of pass 1 (H200: 228 KB per multiprocessor).
+#define VALUE_WARP_BYTES (13 * SANTA_TILE)     // per warp: CDF edges, counts, weights (floats), rows (bytes)
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(
     const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
@@ -780,20 +790,22 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
     float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
   constexpr int E = RowSlice<T, D>::E;
+  static_assert(D <= SANTA_TILE, "a warp's block sum fits its weights");
   extern __shared__ __align__(128) char smem_raw[];
-  wait_for_previous_kernel();      // pass 1's stash and plan
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float* red_sm = reinterpret_cast<float*>(smem_raw);                       // VALUE_WARPS x D
-  float* edge = red_sm + VALUE_WARPS * D + warp * 4 * SANTA_TILE;           // this warp's CDF edges,
+  const int pair = b * kv_heads + kvh, pairs = gridDim.y * gridDim.z;
+  int* ready = counters + pairs;
+  wait_published(ready + pair);    // pass 1's stash and plan of this pair
+  float* edge = reinterpret_cast<float*>(smem_raw + warp * VALUE_WARP_BYTES);   // this warp's CDF edges,
   int* cnt = reinterpret_cast<int*>(edge + SANTA_TILE);                     //   draws per row (zero between tiles),
-  int* list_row = cnt + SANTA_TILE;                                         //   rows with weight
-  float* list_w = reinterpret_cast<float*>(list_row + SANTA_TILE);          //   and their weights
-  TileDraws* td_sm = reinterpret_cast<TileDraws*>(red_sm + VALUE_WARPS * (D + 4 * SANTA_TILE));  // tiles x G
+  float* list_w = reinterpret_cast<float*>(cnt + SANTA_TILE);               //   weights of the rows with weight
+  unsigned char* list_row = reinterpret_cast<unsigned char*>(list_w + SANTA_TILE);   // and the rows
+  // warp w's share of the block sum sits in its weights, free once its tiles are done
+  auto red_sm = [&](int w) { return reinterpret_cast<float*>(smem_raw + w * VALUE_WARP_BYTES) + 2 * SANTA_TILE; };
+  TileDraws* td_sm = reinterpret_cast<TileDraws*>(smem_raw + VALUE_WARPS * VALUE_WARP_BYTES);   // tiles x G
   __shared__ int flag;
   MAKE_CACHE;
-  if (offset_advance && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x == 0)
-    atomicAdd(offset_advance, 1u);
   const Stream st{keys, key, seq_per_batch, nullptr, 0u};
   const u32 off = *plan_off;
   const int len = clamp_len(kv_lens, b, capacity);
@@ -899,7 +911,7 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
       const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
       for (int j = d.lo + lane; j < d.hi; j += 32) {
         double u;
-        if (scheme == SCHEME_IID) u = __ldg(plan_pos + (bh0 + g) * S + j);
+        if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
         else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
         else u = ((double)j + d.U) * inv_s;
         const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
@@ -948,19 +960,23 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     accumulate(pf, pw);
     // the block's sum for heads g0 .., warps in a fixed order
 #pragma unroll
-    for (int k = 0; k < E; ++k) red_sm[warp * D + lane * E + k] = acc[k];
+    for (int k = 0; k < E; ++k) red_sm(warp)[lane * E + k] = acc[k];
     __syncthreads();
     for (int i = threadIdx.x; i < HG * D; i += SANTA_THREADS) {
       const int hg = i / D, dd = i % D;
       if (g0 + hg >= G) continue;
       float o = 0.f;
-      for (int w = 0; w < wt; ++w) o += red_sm[(hg * wt + w) * D + dd];
+      for (int w = 0; w < wt; ++w) o += red_sm(hg * wt + w)[dd];
       part_o[((bh0 + g0 + hg) * nsplit + split) * D + dd] = o;
     }
     __syncthreads();
   }
 
-  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
+  if (!last_block_done(counters, pair, nsplit, &flag)) return;
+  if (threadIdx.x == 0) {
+    ready[pair] = 0;                     // every block of the pair has passed its wait
+    if (offset_advance && last_arrival(ready + pairs, pairs)) atomicAdd(offset_advance, 1u);
+  }
   // Each head's sum over the splits, in split order: R runs of consecutive splits per output
   // float4 on R neighbouring lanes, so that every thread has loads in flight; the first lane adds
   // the runs in order. (merge_exact_splits keeps one run: runs gained nothing there, NOTES v40.)

@@ -42,9 +42,35 @@ __device__ __forceinline__ void load_parts(const float* x, int t, int valid, flo
   for (int j = 0; j < PARTS; ++j) v[j] = p0 + j < valid ? v[j] : fill;
 }
 
+// iid: each head's S draw positions, sorted (bitonic, in shared memory u_sm).
+__device__ __forceinline__ void sort_positions(int b, int kvh, long long bh0, int G, int S, const Stream& st, u32 off,
+                                               double* plan_pos, double* u_sm) {
+  int N = 1;
+  while (N < S) N <<= 1;
+  for (int g = 0; g < G; ++g) {
+    const int h = kvh * G + g;
+    __syncthreads();
+    for (int i = threadIdx.x; i < N; i += blockDim.x) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
+    __syncthreads();
+    for (int kk = 2; kk <= N; kk <<= 1)
+      for (int j = kk >> 1; j > 0; j >>= 1) {
+        for (int i = threadIdx.x; i < N; i += blockDim.x) {
+          int ixj = i ^ j;
+          if (ixj > i) {
+            double x = u_sm[i], y = u_sm[ixj];
+            if ((x > y) == ((i & kk) == 0)) { u_sm[i] = y; u_sm[ixj] = x; }
+          }
+        }
+        __syncthreads();
+      }
+    for (int i = threadIdx.x; i < S; i += blockDim.x) plan_pos[(bh0 + g) * S + i] = u_sm[i];
+  }
+}
+
 // Heads bh0 .. bh0 + G - 1 are query heads kvh * G .. of sequence b, of length len. Per head:
 // global max M, total mass Z and exclusive tile offsets P_t (double sums in a fixed order); for
-// iid also the S draw positions, sorted. Records the call offset for pass 2. PARTS: statistics
+// iid also the S draw positions, sorted. Records the call offset for pass 2 and publishes the
+// plan on `ready` (if not null: pass 2 may be running already). PARTS: statistics
 // per tile. A warp takes a head in rounds of 32 x PLAN_TILES tiles, a lane PLAN_TILES consecutive
 // ones, each round's loads issued together: this runs after the kernel's last block, so its L2
 // round trips and exponentials (float: the tile masses need no more) are the critical path.
@@ -52,7 +78,7 @@ template <int PARTS>
 __device__ __noinline__ void build_plan(int b, int kvh, long long bh0, int G, int len, int tiles_max,
                            const float* stat_m, const float* stat_l, int scheme, int S, const Stream& st,
                            float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off,
-                           char* smem_raw) {
+                           int* ready, char* smem_raw) {
   constexpr int K = PLAN_TILES, ROUND = 32 * PLAN_TILES;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE, valid = valid_parts(len, PARTS);
@@ -113,27 +139,6 @@ __device__ __noinline__ void build_plan(int b, int kvh, long long bh0, int G, in
     }
     if (lane == 0) { P[tiles] = carry; plan_Z[bh0 + g] = carry; plan_M[bh0 + g] = mx; }
   }
-  if (scheme != SCHEME_IID) return;
-  // bitonic sort of each head's positions in shared memory
-  double* u_sm = reinterpret_cast<double*>(smem_raw);
-  int N = 1;
-  while (N < S) N <<= 1;
-  for (int g = 0; g < G; ++g) {
-    const int h = kvh * G + g;
-    __syncthreads();
-    for (int i = threadIdx.x; i < N; i += blockDim.x) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
-    __syncthreads();
-    for (int kk = 2; kk <= N; kk <<= 1)
-      for (int j = kk >> 1; j > 0; j >>= 1) {
-        for (int i = threadIdx.x; i < N; i += blockDim.x) {
-          int ixj = i ^ j;
-          if (ixj > i) {
-            double x = u_sm[i], y = u_sm[ixj];
-            if ((x > y) == ((i & kk) == 0)) { u_sm[i] = y; u_sm[ixj] = x; }
-          }
-        }
-        __syncthreads();
-      }
-    for (int i = threadIdx.x; i < S; i += blockDim.x) plan_pos[(bh0 + g) * S + i] = u_sm[i];
-  }
+  if (scheme == SCHEME_IID) sort_positions(b, kvh, bh0, G, S, st, off, plan_pos, reinterpret_cast<double*>(smem_raw));
+  if (ready) publish(ready);
 }

@@ -19,6 +19,7 @@ CHUNK_ROWS, STAT_PARTS = 16, 4
 EXACT_PIPE_RINGS, EXACT_RING_WARPS_256, EXACT_PIPE_STAGES = 8, 2, 2
 SCORE_PIPE_WARPS, SCORE_PIPE_STAGES, SCORE_PIPE_CHUNKS = 4, 2, 2
 TILE_DRAWS_BYTES = 40      # kernels_cu: sizeof(TileDraws)
+VALUE_WARP_BYTES = 13 * TILE   # kernels_cu: VALUE_WARP_BYTES
 MAX_TILES_PER_VALUE_BLOCK = 32
 VALUE_WARPS = THREADS // 32   # kernels_cu: VALUE_WARPS
 
@@ -77,13 +78,20 @@ def _chunk_bytes(dtype, dim):
 _smem_allowed = {}
 
 
-def _launch(name, dtype_name, dim, smem):
+_max_shared = set()
+
+
+def _launch(name, dtype_name, dim, smem, max_shared=False):
     """The kernel, allowed ``smem`` bytes of dynamic shared memory (static plus dynamic above
-    48 KB needs opting in)."""
+    48 KB needs opting in); ``max_shared``: the multiprocessors it runs on keep all the shared
+    memory they can (the L1 the least), so that another kernel's blocks fit beside its own."""
     k = _kernels.kernel(name, dtype_name, dim)
     if smem + k.attributes["shared_size_bytes"] > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
         k.max_dynamic_shared_size_bytes = smem
         _smem_allowed[id(k)] = smem
+    if max_shared and id(k) not in _max_shared:
+        k.preferred_shared_memory_carveout = 100
+        _max_shared.add(id(k))
     return k
 
 
@@ -230,10 +238,11 @@ def decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, ret
                        lambda rows, *outs: (v, *cache, rows, buf["stash"], buf["stride"], *outs, buf["advance"]))
 
 
-def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
+def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=False):
     """Prepare SANTA pass 1: ``santa_scores`` on a standard cache, ``key_scores`` on a feature-major
     one (``key_draws``: None for a standard cache, else ``(draws, stratified, group code)``, draws 0
-    for exact scores). Returns the launch and the buffers pass 2 reads."""
+    for exact scores). ``publish``: each pair's plan is published to ``santa_values``, which must
+    follow (it resets the flags). Returns the launch and the buffers pass 2 reads."""
     dt, D = q.dtype.name, geo.dim
     B, H, G = geo.batch, geo.q_heads, geo.group
     tiles_max = -(-geo.capacity // TILE)
@@ -249,32 +258,36 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws):
         plan_P=ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64),
         plan_pos=ws.get("plan_pos", B * H * samples if scheme == "iid" else 1, cupy.float64),
         plan_off=ws.get("plan_off", 1, cupy.uint32))
-    counters = ws.get("santa_counters", 2 * B * geo.kv_heads, cupy.int32, zero=True)
+    # kernels_cu: pass 1's split counters, then santa_values' (split counters, published plans, pairs done)
+    pairs = B * geo.kv_heads
+    counters = ws.get("santa_counters", 3 * pairs + 1, cupy.int32, zero=True)
+    ready = counters[2 * pairs:3 * pairs] if publish else NULL
     keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
     n_pow2 = 1 << max(0, (samples - 1).bit_length())
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
     if key_draws is None and _pipelined(q.dtype):
         smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * SCORE_PIPE_CHUNKS * _chunk_bytes(q.dtype, D), sort_bytes)
-        kern, extra, threads = _launch("santa_scores", dt, D, smem), (), 32 * SCORE_PIPE_WARPS
-        n1, per1 = _splits(tiles_max * STAT_PARTS, B * geo.kv_heads, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
+        kern, threads = _launch("santa_scores", dt, D, smem, max_shared=True), 32 * SCORE_PIPE_WARPS
+        n1, per1 = _splits(tiles_max * STAT_PARTS, pairs, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
         split_arg, stat_parts = per1 * (TILE // STAT_PARTS), STAT_PARTS       # rows per split
     else:
         if key_draws is None:
             smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D, SCORE_STAGE_BYTES) + 4 * G * (D + TILE), sort_bytes)
-            kern, extra = _launch("santa_scores", dt, D, smem), ()
+            kern = _launch("santa_scores", dt, D, smem, max_shared=True)
         else:
             rows = STAGE_DATA_BYTES // (TILE * q.dtype.itemsize)      # kernels_cu: key_scores stage layout
             smem = max(KEY_STAGES * (STAGE_DATA_BYTES + 16 * rows) + 64 * D + D * (16 + 4 * G), sort_bytes)
-            kern, extra = _launch("key_scores", dt, D, smem), tuple(numpy.int32(x) for x in key_draws)
+            kern = _launch("key_scores", dt, D, smem, max_shared=True)
         threads = THREADS
-        n1, per1 = _splits(tiles_max, B * geo.kv_heads, kern, smem)
+        n1, per1 = _splits(tiles_max, pairs, kern, smem)
         # santa_scores takes rows per split, key_scores tiles
         split_arg, stat_parts = (per1 * TILE if key_draws is None else per1), 1
+    extra = (ready,) if key_draws is None else (ready, *(numpy.int32(x) for x in key_draws))
     args = (q, k, *cache, numpy.float32(scale), numpy.int32(split_arg), buf["tiles_max"], buf["stride"],
-            buf["stash"], buf["stat_m"], buf["stat_l"], counters[:B * geo.kv_heads],
+            buf["stash"], buf["stat_m"], buf["stat_l"], counters[:pairs],
             numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), keys, key, seq_per_batch, off_ptr, off,
             buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"], *extra)
-    buf.update(counters=counters[B * geo.kv_heads:], advance=advance, seed=(keys, key, seq_per_batch),
+    buf.update(counters=counters[pairs:], advance=advance, seed=(keys, key, seq_per_batch),
                stat_parts=numpy.int32(stat_parts))
     return (lambda: kern((n1, geo.kv_heads, B), (threads,), args, shared_mem=smem)), buf
 
@@ -288,9 +301,9 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     B, H, G = geo.batch, geo.q_heads, geo.group
     cache = _cache_args(k, kv_lens, page_table, geo)
     # everything is prepared before the first launch, so the two kernels run back to back
-    launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws)
+    launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=True)
     per_max = MAX_TILES_PER_VALUE_BLOCK
-    smem2 = 4 * VALUE_WARPS * (D + 4 * TILE) + TILE_DRAWS_BYTES * G * per_max   # kernels_cu: santa_values
+    smem2 = VALUE_WARPS * VALUE_WARP_BYTES + TILE_DRAWS_BYTES * G * per_max   # kernels_cu: santa_values
     kern2 = _launch("santa_values", dt, D, smem2)
     # whole rounds of tiles for the block's warps
     n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, max_per=per_max, multiple=VALUE_WARPS)
