@@ -2,8 +2,9 @@
 
 On sm_90 and later the dependent's blocks may start while the previous kernel still runs (they
 wait in ``wait_for_previous_kernel`` for all of its results, or in ``wait_published`` for the part
-they need, kernels_cu/common.cuh), which hides the launch gap between the two SANTA passes. CuPy launches without launch attributes, so this goes through the driver's
-``cuLaunchKernelEx``; where that or the device is missing it is a plain CuPy launch.
+they need, kernels_cu/common.cuh), which hides the launch gap between the two SANTA passes. CuPy
+launches without launch attributes, so this goes through the driver's ``cuLaunchKernelEx``; where
+that or the device is missing it is a plain CuPy launch.
 """
 import ctypes
 import struct

@@ -76,8 +76,6 @@ def _chunk_bytes(dtype, dim):
 
 
 _smem_allowed = {}
-
-
 _max_shared = set()
 
 
