@@ -211,11 +211,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-template <typename X> __device__ __forceinline__ X warp_inclusive_scan(X v) {
-  const int lane = threadIdx.x & 31;
+// Inclusive scan over each run of `width` lanes (a power of two).
+template <typename X> __device__ __forceinline__ X warp_inclusive_scan(X v, int width = 32) {
+  const int lane = threadIdx.x & (width - 1);
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    X n = __shfl_up_sync(0xffffffffu, v, o);
+    if (o >= width) break;
+    X n = __shfl_up_sync(0xffffffffu, v, o, width);
     if (lane >= o) v += n;
   }
   return v;

@@ -10,9 +10,10 @@
 //                   statistics per tile (per 64-row part of a tile on 16-bit caches); the last
 //                   block of a (batch, KV head) turns them into the global CDF's tile offsets
 //                   (and, for iid, the sorted draw positions).
-//   santa_values    launch 2: a warp per (tile, head) with draws finds the rows its draws land in
-//                   (the draw ranges of tiles come from closed forms: no per-tile budget rounding)
-//                   and gathers only those V rows; the last block merges the splits.
+//   santa_values    launch 2: a warp per (tile, head) with draws (santa_part_values: per few
+//                   64-row parts of a head with draws) finds the rows its draws land in (the draw
+//                   ranges come from closed forms: no per-tile budget rounding) and gathers only
+//                   those V rows; the last block merges the splits.
 //
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
@@ -720,9 +721,9 @@ __device__ __forceinline__ int draws_below(int scheme, double x, int S, double U
 }
 
 // ============================================================================ SANTA pass 2
-// Where the draws of one (tile, head) fall: draws [lo, hi) of the head land in the tile; draw j,
-// at global CDF position u_j, sits at u_j * mass - base on the scale of the tile's scanned
-// weights exp(s - ref).
+// Where the draws of one (tile or part, head) fall: draws [lo, hi) of the head land in it; draw
+// j, at global CDF position u_j, sits at u_j * mass - base on the scale of its scanned weights
+// exp(s - ref).
 struct TileDraws {
   double base, mass, U;
   float ref, fac;            // fac: weight of one draw
@@ -771,24 +772,30 @@ template <typename T, int D> struct RowSlice {
 #define VALUE_GATHER_FLOATS 16
 #endif
 
-// Pass 2: warps work independently, one (tile, head) at a time. A warp reads the tile's stash,
-// scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per draw, not
-// per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of the head's
-// output. Warps split the heads of the group, then the block's tiles; the block sums its warps
-// in a fixed order per head and the last block merges the splits.
+// Pass 2: warps work independently, one task at a time: a (tile, head) with draws
+// (santa_values), or up to STAT_PARTS 64-row parts of a head that receive draws, 8 lanes per part
+// (santa_part_values, 16-bit caches: where most parts receive no draw). A warp reads the task's
+// stash, scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per
+// draw, not per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of
+// the head's output. Warps split the heads of the group, then the block's tiles; the block sums
+// its warps in a fixed order per head and the last block merges the splits.
 // A block starts once pass 1 has published its (sequence, KV head)'s plan, while pass 1 may still
 // score other pairs. `counters` holds the split counters, then the published flags (reset here
 // once every block of the pair is done), then a count of finished pairs (the last one advances
 // the call counter: by then every plan has read it). Shared memory is kept small enough for one
 // block beside three of pass 1 (H200: 228 KB per multiprocessor).
 #define VALUE_WARP_BYTES (13 * SANTA_TILE)     // per warp: CDF edges, counts, weights (floats), rows (bytes)
-template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(
-    const T* v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,
-    const float* stash, const float* stat_m, const float* stat_l, int stat_parts, int* counters,
-    int scheme, int S, const u64* keys, u64 key, int seq_per_batch,
-    const float* plan_M, const double* plan_Z, const double* plan_P, const double* plan_pos, const u32* plan_off,
-    float* part_o, T* out, float* lse_out, int* counts_out, u32* offset_advance) {
+#define VALUE_ARGS const T *v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,                 \
+    const float *stash, const float *stat_m, const float *stat_l, int stat_parts, int *counters, int scheme, int S,  \
+    const u64 *keys, u64 key, int seq_per_batch, const float *plan_M, const double *plan_Z, const double *plan_P,    \
+    const double *plan_pos, const u32 *plan_off, float *part_o, T *out, float *lse_out, int *counts_out,             \
+    u32 *offset_advance
+#define VALUE_ARG_NAMES v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,         \
+    tiles_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, stat_parts, counters, scheme, S, keys, key,     \
+    seq_per_batch, plan_M, plan_Z, plan_P, plan_pos, plan_off, part_o, out, lse_out, counts_out, offset_advance
+// Q: statistics parts per task (1: tile tasks; STAT_PARTS: part tasks, 16-bit caches only).
+template <typename T, int D, int Q>
+__device__ __forceinline__ void values_body(VALUE_ARGS) {
   constexpr int E = RowSlice<T, D>::E;
   static_assert(D <= SANTA_TILE, "a warp's block sum fits its weights");
   extern __shared__ __align__(128) char smem_raw[];
@@ -801,9 +808,9 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
   int* cnt = reinterpret_cast<int*>(edge + SANTA_TILE);                     //   draws per row (zero between tiles),
   float* list_w = reinterpret_cast<float*>(cnt + SANTA_TILE);               //   weights of the rows with weight
   unsigned char* list_row = reinterpret_cast<unsigned char*>(list_w + SANTA_TILE);   // and the rows
+  int* task_sm = reinterpret_cast<int*>(list_w);       // the next part task's parts (list_w is free then)
   // warp w's share of the block sum sits in its weights, free once its tiles are done
   auto red_sm = [&](int w) { return reinterpret_cast<float*>(smem_raw + w * VALUE_WARP_BYTES) + 2 * SANTA_TILE; };
-  TileDraws* td_sm = reinterpret_cast<TileDraws*>(smem_raw + VALUE_WARPS * VALUE_WARP_BYTES);   // tiles x G
   __shared__ int flag;
   MAKE_CACHE;
   const Stream st{keys, key, seq_per_batch, nullptr, 0u};
@@ -813,9 +820,22 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
   const int t0 = min(tiles, split * tiles_per_split), t1 = min(tiles, t0 + tiles_per_split);
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
   const int budget = tiles > 0 ? max(1, S / tiles) : 1;      // tile scheme: draws per tile
+  // Tile tasks: where the draws of each (tile, head) fall. Part tasks, per head: draws before each
+  // part (16 bits: S <= MAX_SAMPLES_GPU), each part's CDF offset in its tile, each tile's offset,
+  // and the head's total mass, systematic offset and maximum score.
+  TileDraws* td_sm = reinterpret_cast<TileDraws*>(smem_raw + VALUE_WARPS * VALUE_WARP_BYTES);   // tiles x G
+  const int nparts = valid_parts(len, STAT_PARTS), p0 = min(nparts, t0 * STAT_PARTS);
+  const int np = min(nparts, t1 * STAT_PARTS) - p0, nt = t1 - t0;
+  unsigned short* bnd = reinterpret_cast<unsigned short*>(td_sm);
+  float* part_at = reinterpret_cast<float*>(bnd + 4 * ((G * (np + 1) + 3) / 4));
+  double* tile_at = reinterpret_cast<double*>(part_at + 2 * ((G * np + 1) / 2));
+  double* z_sm = tile_at + G * nt;
+  double* u_sm = z_sm + G;
+  float* m_sm = reinterpret_cast<float*>(u_sm + G);
 
   for (int i = lane; i < SANTA_TILE; i += 32) cnt[i] = 0;
-  // Where the draws fall, for every (tile, head) of this split at once.
+  // Where the draws fall, for every (tile, head) (or part boundary, head) of this split at once.
+  if constexpr (Q == 1) {
   for (int i = threadIdx.x; i < (t1 - t0) * G; i += SANTA_THREADS) {
     const int g = i % G, t = t0 + i / G, h = kvh * G + g;
     const double Z = plan_Z[bh0 + g];
@@ -841,26 +861,71 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     }
     td_sm[i] = d;
   }
+  } else {
+  // Per head g: bnd[g (np + 1) + k] draws before part p0 + k (draws are in CDF order, so part p
+  // receives draws [bnd(p), bnd(p + 1))); a part's CDF offset is its tile's, tile_at[g nt + t - t0],
+  // plus its own in the tile, part_at[g np + p - p0] (the plan's float sum of the parts before it).
+  for (int i = threadIdx.x; i < (np + 1) * G; i += SANTA_THREADS) {
+    const int g = i % G, k = i / G, p = p0 + k, h = kvh * G + g;
+    int n = S;
+    if (p < nparts) {
+      const int t = p / STAT_PARTS, j = p % STAT_PARTS;
+      const double Pt = plan_P[(bh0 + g) * (tiles_max + 1) + t], Z = plan_Z[bh0 + g];
+      const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
+      float c = 0.f;
+      if (j > 0) {
+        const float mx = plan_M[bh0 + g];
+        const long long head = (bh0 + g) * tiles_max * STAT_PARTS;
+        float pm[STAT_PARTS], pl[STAT_PARTS];
+        load_parts<STAT_PARTS>(stat_m + head, t, valid_parts(len, STAT_PARTS), NEG_INF, pm);
+        load_parts<STAT_PARTS>(stat_l + head, t, valid_parts(len, STAT_PARTS), 0.f, pl);
+        if (mx != NEG_INF)
+#pragma unroll
+          for (int q = 0; q < STAT_PARTS; ++q)
+            if (q < j) c += pl[q] * __expf(pm[q] - mx);     // as build_plan sums a tile's mass
+      }
+      if (k < np) {
+        part_at[g * np + k] = c;
+        if (j == 0) tile_at[g * nt + t - t0] = Pt;
+      }
+      n = draws_below(scheme, (Pt + (double)c) * (Z > 0.0 ? 1.0 / Z : 0.0), S, U, st, b, h, off,
+                      plan_pos + (bh0 + g) * S);
+    }
+    bnd[g * (np + 1) + k] = (unsigned short)n;
+  }
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    z_sm[g] = plan_Z[bh0 + g];
+    m_sm[g] = plan_M[bh0 + g];
+    u_sm[g] = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, 0) : 0.0;
+  }
+  }
   __syncthreads();
 
   // Warps over heads first, so that the heads of the group read the same tiles (and V rows) at
-  // about the same time; wt warps (a power of two) over tiles.
+  // about the same time; wt warps (a power of two) over tiles (tile tasks: interleaved; part
+  // tasks: a contiguous share of the parts each).
   int wt = 1;
   while (wt * 2 <= min(VALUE_WARPS / min(G, VALUE_WARPS), t1 - t0)) wt *= 2;
   const int HG = VALUE_WARPS / wt, wtile = warp % wt, hgrp = warp / wt;
+  // a task's parts each on part_lanes lanes, this lane on part seg, rows sl * 8 ..
+  constexpr int part_rows = SANTA_TILE / Q, part_lanes = 32 / Q;
+  const int seg = lane / part_lanes, sl = lane % part_lanes;
   for (int g0 = 0; g0 < G; g0 += HG) {
     const int g = g0 + hgrp;
     float acc[E];
 #pragma unroll
     for (int k = 0; k < E; ++k) acc[k] = 0.f;
-    float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
-    // V rows e0 .. e0 + GB of the task's list into registers, and their weights (0 past n)
+    // V rows e0 .. e0 + GB of the task's list into registers, and their weights (0 past n); a
+    // listed row r of the task lies in the part of lanes (r / part_rows) * part_lanes
     constexpr int GB = VALUE_GATHER_FLOATS / E;
     typedef RowSlice<T, D> Row;
-    auto gather = [&](int t, int e0, int n, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
+    auto gather = [&](int part, int e0, int n, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
 #pragma unroll
       for (int u = 0; u < GB; ++u) {
-        const long long o = e0 + u < n ? cache.row(b, t * SANTA_TILE + list_row[e0 + u], kvh, D) : -1;
+        const int r = e0 + u < n ? list_row[e0 + u] : 0;
+        const int pr = Q == 1 ? part : __shfl_sync(0xffffffffu, part, (r / part_rows) * part_lanes);
+        const long long o = e0 + u < n ? cache.row(b, pr * part_rows + r % part_rows, kvh, D) : -1;
         wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
         if (o >= 0) Row::load(v + o, f[u]);
         else
@@ -881,35 +946,24 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     u32 pf[GB][Row::WORDS];
     float pw[GB];
     gather(0, 0, 0, pf, pw);
-    auto fetch = [&](int t) {                 // the stash of the warp's next tile, one tile ahead
-      if (g >= G || t >= t1) return;
-      const TileDraws& d = td_sm[(t - t0) * G + g];
-      if (d.hi <= d.lo) return;
-      const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + t * SANTA_TILE + lane * 8);
-      n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
-    };
-    fetch(t0 + wtile);
-    for (int t = t0 + wtile; g < G && t < t1; t += wt) {
-      const float4 s0 = n0, s1 = n1;
-      fetch(t + wt);
-      const TileDraws d = td_sm[(t - t0) * G + g];
-      if (d.hi <= d.lo) continue;
-      const int rows = min(SANTA_TILE, len - t * SANTA_TILE);
+    // One task: this lane's part `part` of `rows` rows (0: none), its stash s0, s1 and draws d.
+    auto task = [&](int part, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
       float w[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w}, c[8], run = 0.f;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        w[i] = lane * 8 + i < rows && d.ref != NEG_INF ? __expf(w[i] - d.ref) : 0.f;
+        w[i] = sl * 8 + i < rows && d.ref != NEG_INF ? __expf(w[i] - d.ref) : 0.f;
         run += w[i];
         c[i] = run;
       }
-      // the tile's CDF edges (scanned weights), then each draw's row
-      const float before = warp_inclusive_scan(run) - run;
+      // each part's CDF edges (scanned weights), then each draw's row
+      const float before = warp_inclusive_scan(run, part_lanes) - run;
 #pragma unroll
       for (int i = 0; i < 8; ++i) edge[lane * 8 + i] = c[i] + before;
       __syncwarp();
-      const float last = edge[rows - 1];
+      const float* pe = edge + seg * part_rows;
+      const float last = rows > 0 ? pe[rows - 1] : 0.f;
       const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
-      for (int j = d.lo + lane; j < d.hi; j += 32) {
+      for (int j = d.lo + sl; j < d.hi; j += part_lanes) {
         double u;
         if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
         else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
@@ -919,17 +973,17 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
         int lo = 0, hi = rows - 1;
         while (lo < hi) {
           const int mid = (lo + hi) >> 1;
-          const float e = edge[mid];
+          const float e = pe[mid];
           if (x < last ? e > x : e >= last) hi = mid; else lo = mid + 1;
         }
-        atomicAdd(cnt + lo, 1);
+        atomicAdd(cnt + seg * part_rows + lo, 1);
       }
       __syncwarp();
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int r = lane * 8 + i, n = cnt[r];
         cnt[r] = 0;
-        if (counts_out && r < rows) counts_out[(bh0 + g) * capacity + t * SANTA_TILE + r] = n;
+        if (counts_out && sl * 8 + i < rows) counts_out[(bh0 + g) * capacity + part * part_rows + sl * 8 + i] = n;
         w[i] = (float)n * d.fac;
       }
       // list the rows with weight, then gather them GB at a time
@@ -948,14 +1002,73 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
       __syncwarp();
       // the previous task's first rows have arrived during this task's scan
       accumulate(pf, pw);
-      gather(t, 0, n, pf, pw);
+      gather(part, 0, n, pf, pw);
       for (int e0 = GB; e0 < n; e0 += GB) {  // more rows than one batch: gathered now
         u32 f[GB][Row::WORDS];
         float wu[GB];
-        gather(t, e0, n, f, wu);
+        gather(part, e0, n, f, wu);
         accumulate(f, wu);
       }
       __syncwarp();
+    };
+    float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
+    if constexpr (Q == 1) {
+      auto fetch = [&](int t) {                 // the stash of the warp's next tile, one tile ahead
+        if (g >= G || t >= t1) return;
+        const TileDraws& d = td_sm[(t - t0) * G + g];
+        if (d.hi <= d.lo) return;
+        const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + t * SANTA_TILE + lane * 8);
+        n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
+      };
+      fetch(t0 + wtile);
+      for (int t = t0 + wtile; g < G && t < t1; t += wt) {
+        const float4 s0 = n0, s1 = n1;
+        fetch(t + wt);
+        const TileDraws d = td_sm[(t - t0) * G + g];
+        if (d.hi <= d.lo) continue;
+        task(t, min(SANTA_TILE, len - t * SANTA_TILE), s0, s1, d);
+      }
+    } else {
+      // The next task, one ahead: up to Q parts of [cur, we) with draws, in order; this lane's part
+      // (-1: none) and its stash in flight. Returns the task's part count.
+      const unsigned short* bg = bnd + min(g, G - 1) * (np + 1) - p0;   // bg[p]: head g's draws before part p
+      const int we = p0 + np * (wtile + 1) / wt;
+      int cur = p0 + np * wtile / wt, npart = -1;
+      const float fac = 1.f / S;
+      auto next_task = [&]() {
+        int got = 0;
+        __syncwarp();                           // the last task's parts are read
+        while (g < G && got < Q && cur < we) {
+          const int p = cur + lane;
+          const bool has = p < we && bg[p + 1] > bg[p];
+          const unsigned m = __ballot_sync(0xffffffffu, has);
+          const int rank = __popc(m & ((1u << lane) - 1u)), take = min(Q - got, __popc(m));
+          if (has && rank < take) task_sm[got + rank] = p;
+          const unsigned rest = __ballot_sync(0xffffffffu, has && rank == take);
+          cur = rest ? cur + __ffs(rest) - 1 : cur + 32;
+          got += take;
+        }
+        __syncwarp();
+        npart = seg < got ? task_sm[seg] : -1;
+        if (npart >= 0) {
+          const float4* sg =
+              reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + npart * part_rows + sl * 8);
+          n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
+        }
+        return got;
+      };
+      for (int got = next_task(); got > 0;) {
+        const int part = npart;
+        const float4 s0 = n0, s1 = n1;
+        got = next_task();
+        TileDraws d{0.0, 0.0, 0.0, NEG_INF, fac, 0, 0};
+        if (part >= 0) {
+          d.lo = bg[part]; d.hi = bg[part + 1];
+          d.base = tile_at[g * nt + part / Q - t0] + (double)part_at[g * np + part - p0];
+          d.mass = z_sm[g]; d.U = u_sm[g]; d.ref = m_sm[g];
+        }
+        task(part, part >= 0 ? min(part_rows, len - part * part_rows) : 0, s0, s1, d);
+      }
     }
     accumulate(pf, pw);
     // the block's sum for heads g0 .., warps in a fixed order
@@ -1000,4 +1113,13 @@ __global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_valu
     const double Z = plan_Z[bh0 + threadIdx.x];
     lse_out[bh0 + threadIdx.x] = Z > 0.0 ? (float)((double)plan_M[bh0 + threadIdx.x] + log(Z)) : NEG_INF;
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_values(VALUE_ARGS) {
+  values_body<T, D, 1>(VALUE_ARG_NAMES);
+}
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS, VALUE_BLOCKS_PER_SM) santa_part_values(VALUE_ARGS) {
+  values_body<T, D, STAT_PARTS>(VALUE_ARG_NAMES);
 }

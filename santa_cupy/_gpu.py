@@ -290,6 +290,19 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
     return (lambda: kern((n1, geo.kv_heads, B), (threads,), args, shared_mem=smem)), buf
 
 
+def _value_task_parts(stat_parts, scheme, samples, geo):
+    """Statistics parts per pass-2 task: 1 (a whole tile per task), or STAT_PARTS (a task packs up
+    to that many 64-row parts that receive draws) where draws are sparse: at most one per 8 parts,
+    or one per 2 parts with at least 32 (sequence, KV head) pairs. Measured on an H200 (bench/NOTES.md,
+    version 46): packing parts halves the tasks at one draw per 2 parts, but a part task costs
+    more, which a latency-bound pass 2 (few pairs) does not win back."""
+    if stat_parts != STAT_PARTS or scheme == "tile":
+        return 1
+    draws_per_part = samples / -(-geo.capacity // (TILE // STAT_PARTS))
+    pairs = geo.batch * geo.kv_heads
+    return STAT_PARTS if draws_per_part <= 1 / 8 or (draws_per_part <= 1 / 2 and pairs >= 32) else 1
+
+
 def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out, return_lse, return_counts,
            key_draws=None):
     """SANTA decode in two launches. ``key_draws``: see :func:`_score_pass`."""
@@ -301,8 +314,17 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     # everything is prepared before the first launch, so the two kernels run back to back
     launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=True)
     per_max = MAX_TILES_PER_VALUE_BLOCK
-    smem2 = VALUE_WARPS * VALUE_WARP_BYTES + TILE_DRAWS_BYTES * G * per_max   # kernels_cu: santa_values
-    kern2 = _launch("santa_values", dt, D, smem2)
+    task_parts = _value_task_parts(int(buf["stat_parts"]), scheme, samples, geo)
+    # kernels_cu: santa_values' per-warp buffers and tile draws; santa_part_values' per-head tables
+    # (draws before each part, parts' and tiles' offsets, head totals) in their place
+    if task_parts == 1:
+        name, tables = "santa_values", TILE_DRAWS_BYTES * G * per_max
+    else:
+        parts = per_max * task_parts
+        name = "santa_part_values"
+        tables = 8 * -(-2 * G * (parts + 1) // 8) + 8 * -(-4 * G * parts // 8) + 8 * G * per_max + 20 * G
+    smem2 = VALUE_WARPS * VALUE_WARP_BYTES + tables
+    kern2 = _launch(name, dt, D, smem2)
     # whole rounds of tiles for the block's warps
     n2, per2 = _splits(int(buf["tiles_max"]), B * geo.kv_heads, kern2, smem2, max_per=per_max, multiple=VALUE_WARPS)
     part_o = _workspace().get("part_o", B * H * n2 * D, cupy.float32)

@@ -74,6 +74,38 @@ def test_santa_draws_and_output_match_reference(case, scheme):
     assert err < TOL[dt]
 
 
+@pytest.fixture
+def part_tasks(monkeypatch):
+    """Pass 2 in part tasks wherever the cache has statistics parts (16-bit), whatever the sparsity;
+    yields the choices made."""
+    from santa_cupy import _gpu
+    chosen = []
+
+    def choose(stat_parts, scheme, samples, geo):
+        chosen.append(1 if scheme == "tile" else stat_parts)
+        return chosen[-1]
+    monkeypatch.setattr(_gpu, "_value_task_parts", choose)
+    return chosen
+
+
+@pytest.mark.parametrize("samples", [64, 4096])
+@pytest.mark.parametrize("scheme", GLOBAL)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] != "float32"][::2], ids=_ids)
+def test_part_tasks_match_reference(case, scheme, samples, part_tasks):
+    dt, dim, hq, hk, ps = case
+    p = problem(5, 3, hq, hk, dim, 5000, dt, lens=[5000, 1, 777], page_size=ps)
+    _, ref_counts = sc.decode(**p, samples=samples, scheme=scheme, seed=13, return_counts=True)
+    out, counts = sc.decode(**to_gpu(p), samples=samples, scheme=scheme, seed=13, return_counts=True)
+    counts = counts.get()
+    assert (counts.sum(-1) == samples).all()
+    for b, n in enumerate(p["kv_lens"]):
+        assert (counts[b, :, n:] == 0).all()
+    # draws agree except where a position lands within rounding of a CDF boundary
+    assert numpy.abs(counts - ref_counts).sum() / 2 <= max(1, 1e-3 * counts.sum())
+    assert rel_err(host(out), reference_from_counts(p, counts, samples)) < TOL[dt]
+    assert part_tasks[-1] > 1
+
+
 def test_counts_beyond_length_are_zero_and_tile_lengths_ragged():
     p = problem(3, 4, 8, 2, 128, 2000, "bfloat16", lens=[2000, 257, 256, 255], page_size=16)
     g = to_gpu(p)
