@@ -77,7 +77,7 @@ def test_santa_draws_and_output_match_reference(case, scheme):
 @pytest.fixture
 def part_tasks(monkeypatch):
     """Pass 2 in part tasks wherever the cache has statistics parts (16-bit), whatever the sparsity;
-    yields the choices made."""
+    returns the list of choices made."""
     from santa_cupy import _gpu
     chosen = []
 
