@@ -865,16 +865,23 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   // Per head g: bnd[g (np + 1) + k] draws before part p0 + k (draws are in CDF order, so part p
   // receives draws [bnd(p), bnd(p + 1))); a part's CDF offset is its tile's, tile_at[g nt + t - t0],
   // plus its own in the tile, part_at[g np + p - p0] (the plan's float sum of the parts before it).
+  // The head's totals and systematic offset first, once per head.
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    z_sm[g] = plan_Z[bh0 + g];
+    m_sm[g] = plan_M[bh0 + g];
+    u_sm[g] = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, 0) : 0.0;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < (np + 1) * G; i += SANTA_THREADS) {
     const int g = i % G, k = i / G, p = p0 + k, h = kvh * G + g;
     int n = S;
     if (p < nparts) {
       const int t = p / STAT_PARTS, j = p % STAT_PARTS;
-      const double Pt = plan_P[(bh0 + g) * (tiles_max + 1) + t], Z = plan_Z[bh0 + g];
-      const double U = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, h, PURPOSE_VALUES, off, 0) : 0.0;
+      const double Pt = plan_P[(bh0 + g) * (tiles_max + 1) + t], Z = z_sm[g], U = u_sm[g];
       float c = 0.f;
       if (j > 0) {
-        const float mx = plan_M[bh0 + g];
+        const float mx = m_sm[g];
         const long long head = (bh0 + g) * tiles_max * STAT_PARTS;
         float pm[STAT_PARTS], pl[STAT_PARTS];
         load_parts<STAT_PARTS>(stat_m + head, t, valid_parts(len, STAT_PARTS), NEG_INF, pm);
@@ -892,12 +899,6 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
                       plan_pos + (bh0 + g) * S);
     }
     bnd[g * (np + 1) + k] = (unsigned short)n;
-  }
-  if (threadIdx.x < G) {
-    const int g = threadIdx.x;
-    z_sm[g] = plan_Z[bh0 + g];
-    m_sm[g] = plan_M[bh0 + g];
-    u_sm[g] = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, 0) : 0.0;
   }
   }
   __syncthreads();
