@@ -730,6 +730,11 @@ struct TileDraws {
   int lo, hi;
 };
 
+// Where pass 2 counts the draws of row r of a tile: lane l's rows 8 l .. 8 l + 7, with the two
+// 16-byte halves swapped on lanes 4-7 of every 8, so that each lane's two 16-byte reads of its
+// counts are free of bank conflicts.
+__device__ __forceinline__ int count_slot(int r) { return r ^ ((r >> 3) & 4); }
+
 // The E = D / 32 elements [lane E, lane E + E) of a cache row: loaded as WORDS raw 32-bit words
 // (what a load in flight holds in registers), then unpacked to float.
 template <typename T, int D> struct RowSlice {
@@ -921,14 +926,22 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     // listed row r of the task lies in the part of lanes (r / part_rows) * part_lanes
     constexpr int GB = VALUE_GATHER_FLOATS / E;
     typedef RowSlice<T, D> Row;
+    // contiguous caches: row pos of this sequence and KV head at v_seq + pos v_stride
+    const T* v_seq = v + ((long long)b * cache.capacity * cache.kv_heads + kvh) * D;
+    const int v_stride = cache.kv_heads * D;
     auto gather = [&](int part, int e0, int n, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
 #pragma unroll
       for (int u = 0; u < GB; ++u) {
         const int r = e0 + u < n ? list_row[e0 + u] : 0;
         const int pr = Q == 1 ? part : __shfl_sync(0xffffffffu, part, (r / part_rows) * part_lanes);
-        const long long o = e0 + u < n ? cache.row(b, pr * part_rows + r % part_rows, kvh, D) : -1;
-        wu[u] = o >= 0 ? list_w[e0 + u] : 0.f;
-        if (o >= 0) Row::load(v + o, f[u]);
+        const int pos = pr * part_rows + r % part_rows;
+        const T* src = nullptr;
+        if (e0 + u < n) {
+          if (!cache.page_table) src = v_seq + (long long)pos * v_stride;
+          else if (const long long o = cache.row(b, pos, kvh, D); o >= 0) src = v + o;
+        }
+        wu[u] = src ? list_w[e0 + u] : 0.f;
+        if (src) Row::load(src, f[u]);
         else
 #pragma unroll
           for (int k = 0; k < Row::WORDS; ++k) f[u][k] = 0u;
@@ -956,10 +969,13 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         run += w[i];
         c[i] = run;
       }
-      // each part's CDF edges (scanned weights), then each draw's row
+      // each part's CDF edges (scanned weights; past the part's rows +inf), then each draw's row
       const float before = warp_inclusive_scan(run, part_lanes) - run;
+      float e[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) edge[lane * 8 + i] = c[i] + before;
+      for (int i = 0; i < 8; ++i) e[i] = sl * 8 + i < rows ? c[i] + before : -NEG_INF;
+      reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
+      reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
       __syncwarp();
       const float* pe = edge + seg * part_rows;
       const float last = rows > 0 ? pe[rows - 1] : 0.f;
@@ -970,36 +986,43 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
         else u = ((double)j + d.U) * inv_s;
         const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
-        // the first row whose upper edge passes x; at the total, the last row with weight
-        int lo = 0, hi = rows - 1;
-        while (lo < hi) {
-          const int mid = (lo + hi) >> 1;
-          const float e = pe[mid];
-          if (x < last ? e > x : e >= last) hi = mid; else lo = mid + 1;
+        // the first row whose edge passes x or, at the total, reaches it (x <= last, so one test);
+        // the +inf past the rows keeps the search within them
+        int r = 0;
+#pragma unroll
+        for (int step = part_rows / 2; step > 0; step >>= 1) {
+          const float ed = pe[r + step - 1];
+          if (!(ed > x || ed >= last)) r += step;
         }
-        atomicAdd(cnt + seg * part_rows + lo, 1);
+        atomicAdd(cnt + count_slot(seg * part_rows + r), 1);
       }
       __syncwarp();
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int r = lane * 8 + i, n = cnt[r];
-        cnt[r] = 0;
-        if (counts_out && sl * 8 + i < rows) counts_out[(bh0 + g) * capacity + part * part_rows + sl * 8 + i] = n;
-        w[i] = (float)n * d.fac;
+      // this lane's counts (laid out by count_slot), zeroed for the next task
+      int n8[8];
+      {
+        int4* c4 = reinterpret_cast<int4*>(cnt) + 2 * lane;
+        const int flip = (lane >> 2) & 1;
+        const int4 a = c4[flip], z = c4[1 - flip];
+        c4[0] = make_int4(0, 0, 0, 0); c4[1] = make_int4(0, 0, 0, 0);
+        n8[0] = a.x; n8[1] = a.y; n8[2] = a.z; n8[3] = a.w; n8[4] = z.x; n8[5] = z.y; n8[6] = z.z; n8[7] = z.w;
       }
-      // list the rows with weight, then gather them GB at a time
-      int n = 0;
+      int mine = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
-        const bool has = w[i] != 0.f;
-        const unsigned m = __ballot_sync(0xffffffffu, has);
-        if (has) {
-          const int e = n + __popc(m & ((1u << lane) - 1u));
-          list_row[e] = lane * 8 + i;
-          list_w[e] = w[i];
+        if (counts_out && sl * 8 + i < rows) counts_out[(bh0 + g) * capacity + part * part_rows + sl * 8 + i] = n8[i];
+        w[i] = (float)n8[i] * d.fac;
+        mine += w[i] != 0.f;
+      }
+      // list the rows with weight in row order, then gather them GB at a time
+      int at = warp_inclusive_scan(mine) - mine;
+      const int n = __shfl_sync(0xffffffffu, at + mine, 31);
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (w[i] != 0.f) {
+          list_row[at] = lane * 8 + i;
+          list_w[at] = w[i];
+          ++at;
         }
-        n += __popc(m);
-      }
       __syncwarp();
       // the previous task's first rows have arrived during this task's scan
       accumulate(pf, pw);
