@@ -956,7 +956,8 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], x[k], acc[k]);
       }
     };
-    // the first batch of a task's rows stays in flight while the warp scans its next task
+    // Tile tasks: the first batch of a task's rows stays in flight while the warp scans its next
+    // task. Part tasks keep the next task's stash in flight instead (both would spill: NOTES v52).
     u32 pf[GB][Row::WORDS];
     float pw[GB];
     gather(0, 0, 0, pf, pw);
@@ -1025,9 +1026,11 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         }
       __syncwarp();
       // the previous task's first rows have arrived during this task's scan
-      accumulate(pf, pw);
-      gather(part, 0, n, pf, pw);
-      for (int e0 = GB; e0 < n; e0 += GB) {  // more rows than one batch: gathered now
+      if constexpr (Q == 1) {
+        accumulate(pf, pw);
+        gather(part, 0, n, pf, pw);
+      }
+      for (int e0 = Q == 1 ? GB : 0; e0 < n; e0 += GB) {  // the rest: gathered now
         u32 f[GB][Row::WORDS];
         float wu[GB];
         gather(part, e0, n, f, wu);
@@ -1094,7 +1097,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         task(part, part >= 0 ? min(part_rows, len - part * part_rows) : 0, s0, s1, d);
       }
     }
-    accumulate(pf, pw);
+    if constexpr (Q == 1) accumulate(pf, pw);
     // the block's sum for heads g0 .., warps in a fixed order
 #pragma unroll
     for (int k = 0; k < E; ++k) red_sm(warp)[lane * E + k] = acc[k];
