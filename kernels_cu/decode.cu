@@ -961,6 +961,11 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     u32 pf[GB][Row::WORDS];
     float pw[GB];
     gather(0, 0, 0, pf, pw);
+    // this lane's 8 stashed scores of part `part`: rows part * part_rows + sl * 8 ..
+    auto load_stash = [&](int part, float4& s0, float4& s1) {
+      const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + part * part_rows + sl * 8);
+      s0 = __ldcg(sg); s1 = __ldcg(sg + 1);
+    };
     // One task: this lane's part `part` of `rows` rows (0: none), its stash s0, s1 and draws d.
     auto task = [&](int part, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
       float w[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w}, c[8], run = 0.f;
@@ -1043,9 +1048,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       auto fetch = [&](int t) {                 // the stash of the warp's next tile, one tile ahead
         if (g >= G || t >= t1) return;
         const TileDraws& d = td_sm[(t - t0) * G + g];
-        if (d.hi <= d.lo) return;
-        const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + t * SANTA_TILE + lane * 8);
-        n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
+        if (d.hi > d.lo) load_stash(t, n0, n1);
       };
       fetch(t0 + wtile);
       for (int t = t0 + wtile; g < G && t < t1; t += wt) {
@@ -1077,11 +1080,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         }
         __syncwarp();
         npart = seg < got ? task_sm[seg] : -1;
-        if (npart >= 0) {
-          const float4* sg =
-              reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + npart * part_rows + sl * 8);
-          n0 = __ldcg(sg); n1 = __ldcg(sg + 1);
-        }
+        if (npart >= 0) load_stash(npart, n0, n1);
         return got;
       };
       for (int got = next_task(); got > 0;) {
