@@ -1,10 +1,12 @@
-"""Launch a kernel as a programmatic dependent of the previous kernel in its stream.
+"""Launch kernels through the driver's ``cuLaunchKernelEx``, optionally as a programmatic
+dependent of the previous kernel in their stream.
 
-On sm_90 and later the dependent's blocks may start while the previous kernel still runs (they
+On sm_90 and later a dependent's blocks may start while the previous kernel still runs (they
 wait in ``wait_for_previous_kernel`` for all of its results, or in ``wait_published`` for the part
 they need, kernels_cu/common.cuh), which hides the launch gap between the two SANTA passes. CuPy
-launches without launch attributes, so this goes through the driver's ``cuLaunchKernelEx``; where
-that or the device is missing it is a plain CuPy launch.
+launches without launch attributes, hence the driver call; it also costs the host less than a
+CuPy launch of this many arguments. Where the driver function or the device is missing it is a
+plain CuPy launch.
 """
 import ctypes
 import struct
@@ -34,8 +36,7 @@ def _launch_ex():
     if not _driver:
         try:
             fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-            fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
-                           ctypes.c_void_p]
+            fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             fn.restype = ctypes.c_int
         except (OSError, AttributeError):
             fn = None
@@ -72,33 +73,48 @@ def _format(types):
 
 
 def _pack(args):
-    """The parameters in 8-byte slots of one buffer, and the array of their addresses
-    (``void**`` of ``cuLaunchKernelEx``, which copies the values at launch)."""
+    """The parameters in 8-byte slots of one buffer, followed by the array of their addresses
+    (``void**`` of ``cuLaunchKernelEx``, which copies the values at launch): one ``struct`` call."""
     n = len(args)
-    buf = (ctypes.c_char * (8 * n))()
-    struct.pack_into(_format(tuple(map(type, args))), buf, 0,
-                     *[a.data.ptr if isinstance(a, cupy.ndarray) else a.item() for a in args])
+    buf = (ctypes.c_char * (16 * n))()
     base = ctypes.addressof(buf)
-    return buf, (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
+    struct.pack_into(_format(tuple(map(type, args))) + "Q" * n, buf, 0,
+                     *[a.data.ptr if isinstance(a, cupy.ndarray) else a for a in args],
+                     *range(base, base + 8 * n, 8))
+    return buf, (ctypes.c_void_p * n).from_buffer(buf, 8 * n)
+
+
+_attribute = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+_configs = {}
+
+
+def _config(grid, block, shared_mem, stream, dependent):
+    """The launch configuration, built once per distinct launch shape (read only by the driver)."""
+    key = (grid, block, shared_mem, stream, dependent)
+    config = _configs.get(key)
+    if config is None:
+        if len(_configs) > 4096:
+            _configs.clear()
+        pad = lambda d: tuple(d) + (1,) * (3 - len(d))
+        config = _configs[key] = _Config((ctypes.c_uint * 3)(*pad(grid)), (ctypes.c_uint * 3)(*pad(block)),
+                                         shared_mem, stream, ctypes.pointer(_attribute) if dependent else None,
+                                         int(dependent))
+    return config
 
 
 def prepare(kernel, grid, block, args, shared_mem=0, dependent=True):
     """A callable that launches ``kernel(grid, block, args, shared_mem=...)``; with ``dependent``,
-    as a dependent of the stream's previous kernel where the device and driver allow it. All
-    host work is done here, so that the launch follows the previous one closely. ``args``: CuPy
-    arrays and NumPy scalars."""
-    fn = _launch_ex() if enabled and dependent else None
+    as a dependent of the stream's previous kernel. All host work is done here, so that the launch
+    follows the previous one closely. ``args``: CuPy arrays and NumPy scalars."""
+    fn = _launch_ex() if enabled else None
     if fn is None or not _device_capable():
         return lambda: kernel(grid, block, args, shared_mem=shared_mem)
     buf, pointers = _pack(args)
-    attr = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
-    pad = lambda d: tuple(d) + (1,) * (3 - len(d))
-    config = _Config((ctypes.c_uint * 3)(*pad(grid)), (ctypes.c_uint * 3)(*pad(block)), shared_mem,
-                     cupy.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+    config = _config(tuple(grid), tuple(block), shared_mem, cupy.cuda.get_current_stream().ptr, dependent)
     func = kernel.kernel.ptr
 
     def launch(values=buf):                 # the parameter values live until the launch
-        err = fn(ctypes.byref(config), func, pointers, None)
+        err = fn(config, func, ctypes.addressof(pointers), None)
         if err:
             raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
     return launch

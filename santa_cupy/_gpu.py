@@ -77,6 +77,7 @@ def _chunk_bytes(dtype, dim):
 
 _smem_allowed = {}
 _max_shared = set()
+_static_smem = {}
 
 
 def _launch(name, dtype_name, dim, smem, max_shared=False):
@@ -84,7 +85,10 @@ def _launch(name, dtype_name, dim, smem, max_shared=False):
     48 KB needs opting in); ``max_shared``: the multiprocessors it runs on keep all the shared
     memory they can (the L1 the least), so that another kernel's blocks fit beside its own."""
     k = _kernels.kernel(name, dtype_name, dim)
-    if smem + k.attributes["shared_size_bytes"] > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
+    static = _static_smem.get(id(k))
+    if static is None:                     # `attributes` queries them all from the driver
+        static = _static_smem[id(k)] = k.attributes["shared_size_bytes"]
+    if smem + static > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
         k.max_dynamic_shared_size_bytes = smem
         _smem_allowed[id(k)] = smem
     if max_shared and id(k) not in _max_shared:
@@ -163,9 +167,9 @@ def _seed_args(seed, batch):
             raise ValueError(f"seed array must be an integer array of shape ({batch},)")
         keys = cupy.ascontiguousarray(seed).view(cupy.uint64) if seed.dtype.itemsize == 8 else seed.astype(cupy.uint64)
         return keys, numpy.uint64(0), numpy.int32(0), NULL, numpy.uint32(0), NULL
+    if isinstance(seed, (int, numpy.integer)) and not isinstance(seed, bool):
+        return NULL, numpy.uint64(rng.int_seed(seed)), numpy.int32(1), NULL, numpy.uint32(0), NULL
     plan = rng.resolve_seed(seed, batch)
-    if isinstance(seed, (int, numpy.integer)):
-        return NULL, numpy.uint64(int(seed)), numpy.int32(1), NULL, numpy.uint32(0), NULL
     return cupy.asarray(plan.keys), numpy.uint64(0), numpy.int32(0), NULL, numpy.uint32(0), NULL
 
 
@@ -287,7 +291,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
             buf["plan_M"], buf["plan_Z"], buf["plan_P"], buf["plan_pos"], buf["plan_off"], *extra)
     buf.update(counters=counters[pairs:], advance=advance, seed=(keys, key, seq_per_batch),
                stat_parts=numpy.int32(stat_parts))
-    return (lambda: kern((n1, geo.kv_heads, B), (threads,), args, shared_mem=smem)), buf
+    return _dependent.prepare(kern, (n1, geo.kv_heads, B), (threads,), args, shared_mem=smem, dependent=False), buf
 
 
 def _value_task_parts(stat_parts, scheme, samples, geo):

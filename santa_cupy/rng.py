@@ -118,6 +118,13 @@ def fresh_key():
     return _base_key
 
 
+def int_seed(seed):
+    """A single int seed, checked to lie in [0, 2**64)."""
+    if not 0 <= int(seed) < _MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
 def resolve_seed(seed, batch):
     """Turn ``seed`` (int, per-sequence ints of shape (batch,), or None) into a :class:`SeedPlan`."""
     if seed is None:
@@ -126,9 +133,7 @@ def resolve_seed(seed, batch):
     if isinstance(seed, (bool, numpy.bool_)):
         raise TypeError("seed must be an int, an int array of shape (batch,) or None, not bool")
     if isinstance(seed, (int, numpy.integer)):
-        if not 0 <= int(seed) < _MAX_SEED:
-            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-        return SeedPlan(numpy.full(batch, int(seed), dtype=numpy.uint64),
+        return SeedPlan(numpy.full(batch, int_seed(seed), dtype=numpy.uint64),
                         numpy.arange(batch, dtype=numpy.int64), 0, False)
     if isinstance(seed, (list, tuple)):
         if not all(isinstance(x, (int, numpy.integer)) and not isinstance(x, bool) for x in seed):
