@@ -463,6 +463,7 @@ def main(argv=None):
     meta = {"card": name.decode() if isinstance(name, bytes) else str(name),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "suite": args.suite, "reps": reps, "warmup": warmup, "flush_mib": max(256, args.flush_mib),
+            "hold_us": timing.HOLD_US,
             "copy_mib": args.copy_mib, "copy_bw": env["copy_bw"], "seed": SEED,
             "q_scale": args.q_scale,
             "reference": "santa_cupy exact decode", "versions": versions, "import_errors": notes,

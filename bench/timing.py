@@ -3,8 +3,35 @@
 Everything runs on CuPy's current stream; :func:`share_stream` puts PyTorch (and so FlashInfer)
 on the same stream, so one pair of CUDA events brackets a launch from either library.
 """
+import functools
 import statistics
 import sys
+
+HOLD_US = 300   # GPU time queued before each start event: more than any method's host cost per call
+
+_HOLD_SOURCE = r"""
+extern "C" __global__ void hold(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    __nanosleep(1000);
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _hold_kernel(device):
+    import cupy
+    return cupy.RawKernel(_HOLD_SOURCE, "hold")
+
+
+def hold(us):
+    """Keep the GPU busy for ``us`` microseconds (one thread sleeping on the global timer)."""
+    import cupy
+    import numpy
+    _hold_kernel(cupy.cuda.runtime.getDevice())((1,), (1,), (numpy.uint64(int(us * 1000)),))
 
 
 def share_stream():
@@ -41,12 +68,13 @@ class L2Flush:
         self.buf.fill(self._value)
 
 
-def time_launches(fn, flush, reps=100, warmup=10):
+def time_launches(fn, flush, reps=100, warmup=10, hold_us=HOLD_US):
     """Time ``fn()`` on the GPU with CUDA events, the L2 flushed (untimed) before each launch.
 
-    The flush is queued before the start event, so the host-side launch cost of ``fn`` overlaps
-    the flush and only device time between the events is measured (plus any idle gap when
-    ``fn`` issues several kernels more slowly than the device runs them).
+    The flush and a ``hold_us`` hold (:func:`hold`) are queued before the start event, so the
+    host-side cost of ``fn`` is spent while the GPU is still busy and only device time between
+    the events is measured (plus any idle gap when ``fn`` issues several kernels more slowly than
+    the device runs them).
 
     Returns
     -------
@@ -61,6 +89,8 @@ def time_launches(fn, flush, reps=100, warmup=10):
     events = [(cupy.cuda.Event(), cupy.cuda.Event()) for _ in range(reps)]
     for start, end in events:
         flush()
+        if hold_us:
+            hold(hold_us)
         start.record(stream)
         fn()
         end.record(stream)
