@@ -21,8 +21,8 @@ extern "C" __global__ void hold(unsigned long long ns) {
 """
 
 
-@functools.lru_cache(maxsize=None)
-def _hold_kernel(device):
+@functools.cache
+def _hold_kernel():
     import cupy
     return cupy.RawKernel(_HOLD_SOURCE, "hold")
 
@@ -31,7 +31,7 @@ def hold(us):
     """Keep the GPU busy for ``us`` microseconds (one thread sleeping on the global timer)."""
     import cupy
     import numpy
-    _hold_kernel(cupy.cuda.runtime.getDevice())((1,), (1,), (numpy.uint64(int(us * 1000)),))
+    _hold_kernel()((1,), (1,), (numpy.uint64(int(us * 1000)),))
 
 
 def share_stream():

@@ -75,9 +75,27 @@ def _chunk_bytes(dtype, dim):
     return CHUNK_ROWS * dim * dtype.itemsize
 
 
-_smem_allowed = {}
-_max_shared = set()
-_static_smem = {}
+class _KernelInfo:
+    """What the host needs of one compiled kernel, read from the driver once (``attributes``
+    queries them all), and the launch settings already made on it."""
+
+    def __init__(self, kernel):
+        attrs = kernel.attributes
+        self.static_smem = attrs["shared_size_bytes"]
+        self.regs = attrs["num_regs"]
+        self.smem_allowed = 0
+        self.max_shared = False
+        self.resident = {}      # (dynamic smem, threads) -> blocks per multiprocessor
+
+
+_infos = {}
+
+
+def _info(kernel):
+    info = _infos.get(id(kernel))
+    if info is None:
+        info = _infos[id(kernel)] = _KernelInfo(kernel)
+    return info
 
 
 def _launch(name, dtype_name, dim, smem, max_shared=False):
@@ -85,15 +103,13 @@ def _launch(name, dtype_name, dim, smem, max_shared=False):
     48 KB needs opting in); ``max_shared``: the multiprocessors it runs on keep all the shared
     memory they can (the L1 the least), so that another kernel's blocks fit beside its own."""
     k = _kernels.kernel(name, dtype_name, dim)
-    static = _static_smem.get(id(k))
-    if static is None:                     # `attributes` queries them all from the driver
-        static = _static_smem[id(k)] = k.attributes["shared_size_bytes"]
-    if smem + static > 48 * 1024 and _smem_allowed.get(id(k), 0) < smem:
+    info = _info(k)
+    if smem + info.static_smem > 48 * 1024 and info.smem_allowed < smem:
         k.max_dynamic_shared_size_bytes = smem
-        _smem_allowed[id(k)] = smem
-    if max_shared and id(k) not in _max_shared:
+        info.smem_allowed = smem
+    if max_shared and not info.max_shared:
         k.preferred_shared_memory_carveout = 100
-        _max_shared.add(id(k))
+        info.max_shared = True
     return k
 
 
@@ -110,19 +126,16 @@ def _sm_count():
     return n
 
 
-_resident = {}
-
-
 def _blocks_per_sm(kernel, smem, threads):
     """How many blocks of ``kernel`` (``threads`` each, ``smem`` dynamic bytes) fit on one multiprocessor."""
-    key = (id(kernel), smem, threads)
-    n = _resident.get(key)
+    info = _info(kernel)
+    n = info.resident.get((smem, threads))
     if n is None:
         dev = cupy.cuda.Device().attributes
-        regs = -(-kernel.attributes["num_regs"] // 8) * 8
-        by_regs = dev["MaxRegistersPerMultiprocessor"] // (regs * threads)
-        by_smem = dev["MaxSharedMemoryPerMultiprocessor"] // (smem + kernel.attributes["shared_size_bytes"] + 1024)
-        n = _resident[key] = max(1, min(by_regs, by_smem, dev["MaxThreadsPerMultiProcessor"] // threads))
+        by_regs = dev["MaxRegistersPerMultiprocessor"] // (-(-info.regs // 8) * 8 * threads)
+        by_smem = dev["MaxSharedMemoryPerMultiprocessor"] // (smem + info.static_smem + 1024)
+        by_threads = dev["MaxThreadsPerMultiProcessor"] // threads
+        n = info.resident[(smem, threads)] = max(1, min(by_regs, by_smem, by_threads))
     return n
 
 
