@@ -4,9 +4,10 @@ benchmark's own timing, from a results file of ``bench.decode`` and two measurem
     python -m bench.bounds bench/results/results_<card>_<date>_full.json [--out DIR]
 
 Measured here, with the L2 flushed before each launch as in the benchmark: an empty kernel, and
-the fastest plain read of each target configuration's keys (a grid-stride streaming read with
-1, 4 or 8 loads of 16 bytes in flight per thread, the best of several grid shapes). SANTA must
-read every key, so no SANTA kernel beats that read. Taken from the results file: the best dense
+the fastest read of each target configuration's keys (a grid-stride streaming read with 1, 4 or 8
+loads of 16 bytes in flight per thread, or per-warp `cp.async` rings through shared memory as the
+decode kernels stream rows; the best of several grid shapes). SANTA must read every key, so no
+SANTA kernel beats that read. Taken from the results file: the best dense
 kernel's time and read rate, and SANTA's bytes with and without the fp32 score stash.
 """
 import argparse
@@ -32,7 +33,7 @@ def bounds(rows, key_read_us, targets=TARGETS, scheme="systematic", samples=256)
     """One dict per target: the target time, and SANTA's time at the best dense kernel's read
     rate with and without the score stash, as times and as % of the target.
 
-    ``key_read_us``: configuration -> measured µs of the fastest plain read of its keys.
+    ``key_read_us``: configuration -> measured µs of the fastest read of its keys.
     """
     out = []
     for config, ratio in targets:
@@ -66,8 +67,8 @@ def markdown(card, date, empty_us, results_name, table):
     """The table of :func:`bounds` as markdown, with the measurements it rests on."""
     lines = [f"# SANTA bounds: {card}, {date}", "",
              f"- from `{results_name}` (SANTA systematic S=256 and the best dense kernel of each configuration);",
-             f"- measured here, L2 flushed before each launch: an empty kernel {empty_us:.1f} µs; the fastest plain "
-             "read of the keys (column 'keys read');",
+             f"- measured here, L2 flushed before each launch: an empty kernel {empty_us:.1f} µs; the fastest "
+             "read of the keys (column 'keys read': a streaming load loop or per-warp cp.async rings);",
              "- 'with stash' / 'no stash': SANTA's bytes (keys, fp32 score stash written and read back, distinct V "
              "rows) at the best dense kernel's read rate, with and without the stash.", "",
              "| config | target | best dense µs | target µs | keys read µs | with stash µs | no stash µs "
@@ -94,31 +95,68 @@ template <int U> __global__ void plain_read(const int4* __restrict__ p, long lon
   }
   if ((a.x ^ a.y ^ a.z ^ a.w) == 0x7fffffff) *sink = 1;   // keeps the loads
 }
+// The same bytes as the decode kernels stream them: each warp moves 8 KB chunks (16 cp.async of
+// 16 bytes per lane) through its own 2-stage shared-memory ring, 16 KB per warp in flight.
+__global__ void ring_read(const int4* __restrict__ p, long long n, int* sink) {
+  extern __shared__ int4 ring[];                     // 2 x 512 int4 per warp
+  const int lane = threadIdx.x & 31;
+  int4* mine = ring + (threadIdx.x >> 5) * 1024;
+  const long long warps = (long long)gridDim.x * (blockDim.x >> 5), chunks = (n + 511) / 512;
+  auto issue = [&](long long c, int s) {
+    if (c < chunks)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const long long i = c * 512 + j * 32 + lane;
+        const unsigned dst = (unsigned)__cvta_generic_to_shared(mine + s * 512 + j * 32 + lane);
+        asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" :: "r"(dst), "l"(p + (i < n ? i : 0)),
+                     "r"(i < n ? 16 : 0));
+      }
+    asm volatile("cp.async.commit_group;" ::);
+  };
+  int a = 0;
+  long long c = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+  issue(c, 0);
+  for (int s = 0; c < chunks; c += warps, s ^= 1) {
+    issue(c + warps, s ^ 1);
+    asm volatile("cp.async.wait_group 1;" ::);
+    __syncwarp();
+    a ^= mine[s * 512 + lane].x;
+    __syncwarp();                                    // read before the stage is refilled
+  }
+  asm volatile("cp.async.wait_group 0;" ::);
+  if (a == 0x7fffffff) *sink = 1;
+}
 __global__ void empty_kernel(int* sink) { if (sink && threadIdx.x == 1024) *sink = 1; }
 '''
 _UNROLLS = (1, 4, 8)
 _SHAPES = ((1, 1024), (2, 512), (4, 512), (8, 256), (16, 128))   # (blocks per SM, threads)
+_RING_SHAPES = ((3, 128), (2, 128), (6, 64), (12, 32))         # 16 KB of shared memory per warp
 
 
 def measure(nbytes_list, flush_mib=256, reps=60):
-    """(empty kernel µs, {nbytes: fastest plain read µs}) on the current device."""
+    """(empty kernel µs, {nbytes: fastest read µs}) on the current device."""
     import cupy
     import numpy
 
     from . import timing
     mod = cupy.RawModule(code=_READER, options=("-std=c++17",),
-                         name_expressions=[f"plain_read<{u}>" for u in _UNROLLS] + ["empty_kernel"])
+                         name_expressions=[f"plain_read<{u}>" for u in _UNROLLS] + ["ring_read", "empty_kernel"])
     flush = timing.L2Flush(flush_mib)
     t = lambda f: timing.time_launches(f, flush, reps, 5)["median"]
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     buf = cupy.ones(max(nbytes_list) // 4 + 4, dtype=cupy.int32)
     empty = mod.get_function("empty_kernel")
     empty_us = t(lambda: empty((2 * sms,), (256,), (buf,)))
+    ring = mod.get_function("ring_read")
+    ring.max_dynamic_shared_size_bytes = max(th // 32 * 16384 for _, th in _RING_SHAPES)
     reads = {}
     for nbytes in sorted(set(nbytes_list)):
         n16 = numpy.int64(nbytes // 16)
-        reads[nbytes] = min(t(lambda k=mod.get_function(f"plain_read<{u}>"), g=bpsm * sms, th=th: k((g,), (th,), (buf, n16, buf)))
-                            for u in _UNROLLS for bpsm, th in _SHAPES)
+        plain = [t(lambda k=mod.get_function(f"plain_read<{u}>"), g=bpsm * sms, th=th: k((g,), (th,), (buf, n16, buf)))
+                 for u in _UNROLLS for bpsm, th in _SHAPES]
+        rings = [t(lambda g=bpsm * sms, th=th: ring((g,), (th,), (buf, n16, buf), shared_mem=th // 32 * 16384))
+                 for bpsm, th in _RING_SHAPES]
+        reads[nbytes] = min(plain + rings)
     return empty_us, reads
 
 
