@@ -7,8 +7,8 @@ Measured here, with the L2 flushed before each launch as in the benchmark: an em
 the fastest read of each target configuration's keys (a grid-stride streaming read with 1, 4 or 8
 loads of 16 bytes in flight per thread, or per-warp `cp.async` rings through shared memory as the
 decode kernels stream rows; the best of several grid shapes). SANTA must read every key, so no
-SANTA kernel beats that read. Taken from the results file: the best dense
-kernel's time and read rate, and SANTA's bytes with and without the fp32 score stash.
+SANTA kernel beats that read. Taken from the results file: the best dense kernel's time and read
+rate, and SANTA's bytes with and without the fp32 score stash.
 """
 import argparse
 import datetime
