@@ -19,6 +19,7 @@ run cut short keeps what it measured. Usage::
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import platform
 import subprocess
 import sys
@@ -399,7 +400,19 @@ def _environment(methods):
                                          text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "none"
     except Exception:
         pass
+    versions["sources"] = sources_digest()
     return env, versions, notes
+
+
+def sources_digest():
+    """The first 12 hex digits of a SHA-256 over the package's and the kernels' source files: names
+    the code that ran where a copy of the tree carries no (or a stale) git history."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted([*root.glob("santa_cupy/*.py"), *root.glob("kernels_cu/*")]):
+        if f.is_file():
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def parse_args(argv=None):

@@ -154,6 +154,23 @@ def test_suites_and_names():
     assert [c.name for c in configs] == ["b8-n32k-paged16"] and tasks[-1] == ("santa", "iid", 128)
 
 
+def test_sources_digest_names_the_code(tmp_path, monkeypatch):
+    digest = bd.sources_digest()
+    assert len(digest) == 12 and int(digest, 16) >= 0 and digest == bd.sources_digest()
+    # a copy of the tree with one kernel byte changed gets another digest
+    for sub in ("bench", "santa_cupy", "kernels_cu"):
+        dst = tmp_path / sub
+        dst.mkdir()
+        for f in (ROOT / sub).iterdir():
+            if f.is_file():
+                (dst / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(bd, "__file__", str(tmp_path / "bench" / "decode.py"))
+    assert bd.sources_digest() == digest
+    cu = tmp_path / "kernels_cu" / "decode.cu"
+    cu.write_bytes(cu.read_bytes() + b" ")
+    assert bd.sources_digest() != digest
+
+
 def test_cli_help_and_list_without_gpu():
     for argv in (["--help"], ["--list", "--suite", "smoke"]):
         res = subprocess.run([sys.executable, "-m", "bench.decode", *argv], cwd=ROOT,
