@@ -730,11 +730,6 @@ struct TileDraws {
   int lo, hi;
 };
 
-// Where pass 2 counts the draws of row r of a tile: lane l's rows 8 l .. 8 l + 7, with the two
-// 16-byte halves swapped on lanes 4-7 of every 8, so that each lane's two 16-byte reads of its
-// counts are free of bank conflicts.
-__device__ __forceinline__ int count_slot(int r) { return r ^ ((r >> 3) & 4); }
-
 // The E = D / 32 elements [lane E, lane E + E) of a cache row: loaded as WORDS raw 32-bit words
 // (what a load in flight holds in registers), then unpacked to float.
 template <typename T, int D> struct RowSlice {
@@ -780,16 +775,17 @@ template <typename T, int D> struct RowSlice {
 // Pass 2: warps work independently, one task at a time: a (tile, head) with draws
 // (santa_values), or up to STAT_PARTS 64-row parts of a head that receive draws, 8 lanes per part
 // (santa_part_values, 16-bit caches: where most parts receive no draw). A warp reads the task's
-// stash, scans exp(s - ref) into CDF edges, finds each draw's row by binary search (work per
-// draw, not per row), and accumulates the drawn V rows (weight: draws x fac) into its slice of
-// the head's output. Warps split the heads of the group, then the block's tiles; the block sums
+// stash, scans exp(s - ref) into CDF edges, finds each draw's row by binary search (a lane per
+// draw: work per draw, not per row), lists each drawn row once with its draw count (the draws are
+// in row order: a run of equal rows is one entry), and accumulates the listed V rows (weight:
+// draws x fac) into its slice of the head's output. Warps split the heads of the group, then the block's tiles; the block sums
 // its warps in a fixed order per head and the last block merges the splits.
 // A block starts once pass 1 has published its (sequence, KV head)'s plan, while pass 1 may still
 // score other pairs. `counters` holds the split counters, then the published flags (reset here
 // once every block of the pair is done), then a count of finished pairs (the last one advances
 // the call counter: by then every plan has read it). Shared memory is kept small enough for one
 // block beside three of pass 1 (H200: 228 KB per multiprocessor).
-#define VALUE_WARP_BYTES (13 * SANTA_TILE)     // per warp: CDF edges, counts, weights (floats), rows (bytes)
+#define VALUE_WARP_BYTES (12 * SANTA_TILE)     // per warp: CDF edges (floats), listed rows and counts
 #define VALUE_ARGS const T *v, CACHE_ARGS, int tiles_per_split, int tiles_max, int stash_stride,                 \
     const float *stash, const float *stat_m, const float *stat_l, int stat_parts, int *counters, int scheme, int S,  \
     const u64 *keys, u64 key, int seq_per_batch, const float *plan_M, const double *plan_Z, const double *plan_P,    \
@@ -802,7 +798,7 @@ template <typename T, int D> struct RowSlice {
 template <typename T, int D, int Q>
 __device__ __forceinline__ void values_body(VALUE_ARGS) {
   constexpr int E = RowSlice<T, D>::E;
-  static_assert(D <= SANTA_TILE, "a warp's block sum fits its weights");
+  static_assert(D <= SANTA_TILE, "a warp's block sum fits its counts");
   extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -810,11 +806,10 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   int* ready = counters + pairs;
   wait_published(ready + pair);    // pass 1's stash and plan of this pair
   float* edge = reinterpret_cast<float*>(smem_raw + warp * VALUE_WARP_BYTES);   // this warp's CDF edges,
-  int* cnt = reinterpret_cast<int*>(edge + SANTA_TILE);                     //   draws per row (zero between tiles),
-  float* list_w = reinterpret_cast<float*>(cnt + SANTA_TILE);               //   weights of the rows with weight
-  unsigned char* list_row = reinterpret_cast<unsigned char*>(list_w + SANTA_TILE);   // and the rows
-  int* task_sm = reinterpret_cast<int*>(list_w);       // the next part task's parts (list_w is free then)
-  // warp w's share of the block sum sits in its weights, free once its tiles are done
+  u32* list_u = reinterpret_cast<u32*>(edge + SANTA_TILE);     //   the drawn rows' V offsets (in rows of D),
+  int* list_c = reinterpret_cast<int*>(list_u + SANTA_TILE);   //   and their draw counts
+  int* task_sm = list_c;       // the next part task's parts (the list is free then)
+  // warp w's share of the block sum sits in its counts, free once its tiles are done
   auto red_sm = [&](int w) { return reinterpret_cast<float*>(smem_raw + w * VALUE_WARP_BYTES) + 2 * SANTA_TILE; };
   __shared__ int flag;
   MAKE_CACHE;
@@ -824,7 +819,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE;
   const int t0 = min(tiles, split * tiles_per_split), t1 = min(tiles, t0 + tiles_per_split);
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
-  const int budget = tiles > 0 ? max(1, S / tiles) : 1;      // tile scheme: draws per tile
+  const int budget = scheme == SCHEME_TILE && tiles > 0 ? max(1, S / tiles) : 1;   // tile scheme: draws per tile
   // Tile tasks: where the draws of each (tile, head) fall. Part tasks, per head: draws before each
   // part (16 bits: S <= MAX_SAMPLES_GPU), each part's CDF offset in its tile, each tile's offset,
   // and the head's total mass, systematic offset and maximum score.
@@ -838,7 +833,6 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   double* u_sm = z_sm + G;
   float* m_sm = reinterpret_cast<float*>(u_sm + G);
 
-  for (int i = lane; i < SANTA_TILE; i += 32) cnt[i] = 0;
   // Where the draws fall, for every (tile, head) (or part boundary, head) of this split at once.
   if constexpr (Q == 1) {
   for (int i = threadIdx.x; i < (t1 - t0) * G; i += SANTA_THREADS) {
@@ -878,8 +872,10 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     u_sm[g] = scheme == SCHEME_SYSTEMATIC ? st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, 0) : 0.0;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < (np + 1) * G; i += SANTA_THREADS) {
-    const int g = i % G, k = i / G, p = p0 + k, h = kvh * G + g;
+  // entry i = k G + g, stepped without a division per entry
+  const int dk = SANTA_THREADS / G, dg = SANTA_THREADS - dk * G;
+  for (int g = threadIdx.x % G, k = threadIdx.x / G; k < np + 1; k += dk) {
+    const int p = p0 + k, h = kvh * G + g;
     int n = S;
     if (p < nparts) {
       const int t = p / STAT_PARTS, j = p % STAT_PARTS;
@@ -904,6 +900,8 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
                       plan_pos + (bh0 + g) * S);
     }
     bnd[g * (np + 1) + k] = (unsigned short)n;
+    g += dg;
+    if (g >= G) { g -= G; ++k; }
   }
   }
   __syncthreads();
@@ -911,9 +909,9 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   // Warps over heads first, so that the heads of the group read the same tiles (and V rows) at
   // about the same time; wt warps (a power of two) over tiles (tile tasks: interleaved; part
   // tasks: a contiguous share of the parts each).
-  int wt = 1;
-  while (wt * 2 <= min(VALUE_WARPS / min(G, VALUE_WARPS), t1 - t0)) wt *= 2;
-  const int HG = VALUE_WARPS / wt, wtile = warp % wt, hgrp = warp / wt;
+  int lwt = 0;    // log2 wt
+  while ((2 << lwt) <= min(VALUE_WARPS / min(G, VALUE_WARPS), t1 - t0)) ++lwt;
+  const int wt = 1 << lwt, HG = VALUE_WARPS >> lwt, wtile = warp & (wt - 1), hgrp = warp >> lwt;
   // a task's parts each on part_lanes lanes, this lane on part seg, rows sl * 8 ..
   constexpr int part_rows = SANTA_TILE / Q, part_lanes = 32 / Q;
   const int seg = lane / part_lanes, sl = lane % part_lanes;
@@ -922,26 +920,20 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     float acc[E];
 #pragma unroll
     for (int k = 0; k < E; ++k) acc[k] = 0.f;
-    // V rows e0 .. e0 + GB of the task's list into registers, and their weights (0 past n); a
-    // listed row r of the task lies in the part of lanes (r / part_rows) * part_lanes
+    // V rows e0 .. e0 + GB of the task's list into registers, and their weights (0 past n and on
+    // out-of-range pages)
     constexpr int GB = VALUE_GATHER_FLOATS / E;
+    // V row offsets in units of D elements fit 32 bits (rows x KV heads < 2^32 in any memory);
+    // contiguous caches: row pos of this sequence and KV head at v_unit0 + pos kv_heads
+    constexpr u32 NO_ROW = ~0u;
+    const u32 v_unit0 = (u32)((long long)b * cache.capacity * cache.kv_heads + kvh);
     typedef RowSlice<T, D> Row;
-    // contiguous caches: row pos of this sequence and KV head at v_seq + pos v_stride
-    const T* v_seq = v + ((long long)b * cache.capacity * cache.kv_heads + kvh) * D;
-    const int v_stride = cache.kv_heads * D;
-    auto gather = [&](int part, int e0, int n, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
+    auto gather = [&](int e0, int n, float fac, u32 (&f)[GB][Row::WORDS], float (&wu)[GB]) {
 #pragma unroll
       for (int u = 0; u < GB; ++u) {
-        const int r = e0 + u < n ? list_row[e0 + u] : 0;
-        const int pr = Q == 1 ? part : __shfl_sync(0xffffffffu, part, (r / part_rows) * part_lanes);
-        const int pos = pr * part_rows + r % part_rows;
-        const T* src = nullptr;
-        if (e0 + u < n) {
-          if (!cache.page_table) src = v_seq + (long long)pos * v_stride;
-          else if (const long long o = cache.row(b, pos, kvh, D); o >= 0) src = v + o;
-        }
-        wu[u] = src ? list_w[e0 + u] : 0.f;
-        if (src) Row::load(src, f[u]);
+        const u32 at = e0 + u < n ? list_u[e0 + u] : NO_ROW;
+        wu[u] = at != NO_ROW ? (float)list_c[e0 + u] * fac : 0.f;
+        if (at != NO_ROW) Row::load(v + (size_t)at * D, f[u]);
         else
 #pragma unroll
           for (int k = 0; k < Row::WORDS; ++k) f[u][k] = 0u;
@@ -960,85 +952,113 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     // task. Part tasks keep the next task's stash in flight instead (both would spill: NOTES v52).
     u32 pf[GB][Row::WORDS];
     float pw[GB];
-    gather(0, 0, 0, pf, pw);
+    gather(0, 0, 0.f, pf, pw);
     // this lane's 8 stashed scores of part `part`: rows part * part_rows + sl * 8 ..
+    const float* stash_g = stash + (bh0 + min(g, G - 1)) * stash_stride + sl * 8;
     auto load_stash = [&](int part, float4& s0, float4& s1) {
-      const float4* sg = reinterpret_cast<const float4*>(stash + (bh0 + g) * stash_stride + part * part_rows + sl * 8);
+      const float4* sg = reinterpret_cast<const float4*>(stash_g + part * part_rows);
       s0 = __ldcg(sg); s1 = __ldcg(sg + 1);
     };
-    // One task: this lane's part `part` of `rows` rows (0: none), its stash s0, s1 and draws d.
+    // One task: this lane's part `part` of `rows` rows (0: none), its stash s0, s1 and draws d. The
+    // task's parts are in order, and so are their draws: part k's draws follow part k - 1's.
     auto task = [&](int part, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
+      if (d.ref == NEG_INF) rows = 0;
       float w[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w}, c[8], run = 0.f;
 #pragma unroll
+      for (int i = 0; i < 8; ++i) w[i] = __expf(w[i] - d.ref);
+      const bool ends = sl * 8 + 8 > rows;   // the part ends at or before this lane's rows
+      if (ends)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (sl * 8 + i >= rows) w[i] = 0.f;
+#pragma unroll
       for (int i = 0; i < 8; ++i) {
-        w[i] = sl * 8 + i < rows && d.ref != NEG_INF ? __expf(w[i] - d.ref) : 0.f;
         run += w[i];
         c[i] = run;
       }
-      // each part's CDF edges (scanned weights; past the part's rows +inf), then each draw's row
+      // each part's CDF edges (scanned weights; past the part's rows +inf)
       const float before = warp_inclusive_scan(run, part_lanes) - run;
       float e[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = sl * 8 + i < rows ? c[i] + before : -NEG_INF;
+      for (int i = 0; i < 8; ++i) e[i] = c[i] + before;
+      if (ends)
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (sl * 8 + i >= rows) e[i] = -NEG_INF;
       reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
       reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
       __syncwarp();
-      const float* pe = edge + seg * part_rows;
-      const float last = rows > 0 ? pe[rows - 1] : 0.f;
+      const float last = rows > 0 ? edge[seg * part_rows + rows - 1] : 0.f;
+      // The task's draws [lo, hi), a lane each: its part sj (the last whose first draw it reaches),
+      // its row by binary search over the part's edges. The draws' rows are in order, so each run
+      // of equal rows is listed once, by its first draw, with the run's length.
+      const int lo = __shfl_sync(0xffffffffu, d.lo, 0), hi = __reduce_max_sync(0xffffffffu, d.hi);
+      int first[Q];
+#pragma unroll
+      for (int s = 1; s < Q; ++s) first[s] = __shfl_sync(0xffffffffu, d.hi > d.lo ? d.lo : S, s * part_lanes);
       const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
-      for (int j = d.lo + sl; j < d.hi; j += part_lanes) {
-        double u;
-        if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
-        else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
-        else u = ((double)j + d.U) * inv_s;
-        const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), last);
-        // the first row whose edge passes x or, at the total, reaches it (x <= last, so one test);
-        // the +inf past the rows keeps the search within them
-        int r = 0;
+      // (part tasks: the head's, which lanes without a part do not hold; tile tasks: the warp's)
+      const double mass = Q == 1 ? d.mass : z_sm[g];
+      const double U = Q == 1 ? d.U : u_sm[g];
+      int n = 0, prev = -1;
+      for (int j0 = lo; j0 < hi; j0 += 32) {
+        const int j = j0 + lane;
+        int sj = 0;
 #pragma unroll
-        for (int step = part_rows / 2; step > 0; step >>= 1) {
-          const float ed = pe[r + step - 1];
-          if (!(ed > x || ed >= last)) r += step;
+        for (int s = 1; s < Q; ++s) sj += j >= first[s];
+        const int src = sj * part_lanes;
+        const double base = Q == 1 ? d.base : __shfl_sync(0xffffffffu, d.base, src);
+        const float top = Q == 1 ? last : __shfl_sync(0xffffffffu, last, src);
+        const int pos0 = (Q == 1 ? part : __shfl_sync(0xffffffffu, part, src)) * part_rows;
+        int key = -1, r = 0;
+        if (j < hi) {
+          double u;
+          if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
+          else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
+          else u = ((double)j + U) * inv_s;
+          const float x = fminf(fmaxf((float)(u * mass - base), 0.f), top);
+          // the first row whose edge passes x or, at the total, reaches it (x <= top, so one test);
+          // the +inf past the rows keeps the search within them
+          const float* pe = edge + sj * part_rows;
+#pragma unroll
+          for (int step = part_rows / 2; step > 0; step >>= 1) {
+            const float ed = pe[r + step - 1];
+            if (!(ed > x || ed >= top)) r += step;
+          }
+          key = sj * part_rows + r;
+          if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + pos0 + r, 1);
         }
-        atomicAdd(cnt + count_slot(seg * part_rows + r), 1);
-      }
-      __syncwarp();
-      // this lane's counts (laid out by count_slot), zeroed for the next task
-      int n8[8];
-      {
-        int4* c4 = reinterpret_cast<int4*>(cnt) + 2 * lane;
-        const int flip = (lane >> 2) & 1;
-        const int4 a = c4[flip], z = c4[1 - flip];
-        c4[0] = make_int4(0, 0, 0, 0); c4[1] = make_int4(0, 0, 0, 0);
-        n8[0] = a.x; n8[1] = a.y; n8[2] = a.z; n8[3] = a.w; n8[4] = z.x; n8[5] = z.y; n8[6] = z.z; n8[7] = z.w;
-      }
-      int mine = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (counts_out && sl * 8 + i < rows) counts_out[(bh0 + g) * capacity + part * part_rows + sl * 8 + i] = n8[i];
-        w[i] = (float)n8[i] * d.fac;
-        mine += w[i] != 0.f;
-      }
-      // list the rows with weight in row order, then gather them GB at a time
-      int at = warp_inclusive_scan(mine) - mine;
-      const int n = __shfl_sync(0xffffffffu, at + mine, 31);
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        if (w[i] != 0.f) {
-          list_row[at] = lane * 8 + i;
-          list_w[at] = w[i];
-          ++at;
+        const int up = __shfl_up_sync(0xffffffffu, key, 1);
+        const bool head = key >= 0 && key != (lane == 0 ? prev : up);
+        const unsigned heads = __ballot_sync(0xffffffffu, head);
+        const unsigned later = heads & (0xfffffffeu << lane);
+        const int live = min(32, hi - j0);
+        const int at = n + __popc(heads & ((1u << lane) - 1u));
+        if (head && at < SANTA_TILE) {
+          u32 unit = v_unit0 + (u32)(pos0 + r) * (u32)cache.kv_heads;
+          if (cache.page_table) {
+            const long long o = cache.row(b, pos0 + r, kvh, D);
+            unit = o < 0 ? NO_ROW : (u32)(o / D);
+          }
+          list_u[at] = unit;
+          list_c[at] = (later ? __ffs(later) - 1 : live) - lane;
         }
-      __syncwarp();
+        // the lanes before the first head continue the previous round's last run
+        const int carried = heads ? __ffs(heads) - 1 : live;
+        if (lane == 0 && carried > 0 && n > 0) list_c[n - 1] += carried;
+        n = min(SANTA_TILE, n + __popc(heads));
+        prev = __shfl_sync(0xffffffffu, key, 31);
+        __syncwarp();
+      }
       // the previous task's first rows have arrived during this task's scan
       if constexpr (Q == 1) {
         accumulate(pf, pw);
-        gather(part, 0, n, pf, pw);
+        gather(0, n, d.fac, pf, pw);
       }
       for (int e0 = Q == 1 ? GB : 0; e0 < n; e0 += GB) {  // the rest: gathered now
         u32 f[GB][Row::WORDS];
         float wu[GB];
-        gather(part, e0, n, f, wu);
+        gather(e0, n, d.fac, f, wu);
         accumulate(f, wu);
       }
       __syncwarp();
@@ -1062,8 +1082,8 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       // The next task, one ahead: up to Q parts of [cur, we) with draws, in order; this lane's part
       // (-1: none) and its stash in flight. Returns the task's part count.
       const unsigned short* bg = bnd + min(g, G - 1) * (np + 1) - p0;   // bg[p]: head g's draws before part p
-      const int we = p0 + np * (wtile + 1) / wt;
-      int cur = p0 + np * wtile / wt, npart = -1;
+      const int we = p0 + ((np * (wtile + 1)) >> lwt);
+      int cur = p0 + ((np * wtile) >> lwt), npart = -1;
       const float fac = 1.f / S;
       auto next_task = [&]() {
         int got = 0;

@@ -106,6 +106,22 @@ def test_part_tasks_match_reference(case, scheme, samples, part_tasks):
     assert part_tasks[-1] > 1
 
 
+@pytest.mark.parametrize("scheme", GLOBAL)
+def test_part_tasks_count_runs_of_draws_across_rounds(scheme, part_tasks):
+    """Peaked scores: a row takes the draws of many rounds of 32 in a row (one list entry whose
+    count grows round by round); a dropped or misplaced count changes the output."""
+    S = 4096
+    p = problem(17, 2, 8, 2, 128, 3000, "bfloat16", lens=[3000, 2100], peaked=True)
+    _, ref_counts = sc.decode(**p, samples=S, scheme=scheme, seed=19, return_counts=True)
+    out, counts = sc.decode(**to_gpu(p), samples=S, scheme=scheme, seed=19, return_counts=True)
+    counts = counts.get()
+    assert counts.max() > 3 * 32
+    assert (counts.sum(-1) == S).all()
+    assert numpy.abs(counts - ref_counts).sum() / 2 <= max(1, 1e-3 * counts.sum())
+    assert rel_err(host(out), reference_from_counts(p, counts, S)) < TOL["bfloat16"]
+    assert part_tasks[-1] > 1
+
+
 def test_counts_beyond_length_are_zero_and_tile_lengths_ragged():
     p = problem(3, 4, 8, 2, 128, 2000, "bfloat16", lens=[2000, 257, 256, 255], page_size=16)
     g = to_gpu(p)

@@ -32,6 +32,12 @@ def test_codes_and_block_size_match():
     assert _gpu.KEY_GROUP_CODES == {g: d[f"KEY_GROUP_{g.upper()}"] for g in _gpu.KEY_GROUP_CODES}
 
 
+def test_value_warp_bytes_match():
+    # pass 2's shared memory per warp, a multiple of the tile in the source
+    m = re.search(r"^#define VALUE_WARP_BYTES \((\d+) \* SANTA_TILE\)", _kernels.source(), re.M)
+    assert m and _gpu.VALUE_WARP_BYTES == int(m.group(1)) * _defines()["SANTA_TILE"]
+
+
 def test_a_drifted_constant_is_caught(monkeypatch):
     monkeypatch.setattr(_gpu, "EXACT_PIPE_STAGES", _gpu.EXACT_PIPE_STAGES + 1)
     with pytest.raises(AssertionError):
