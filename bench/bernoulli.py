@@ -121,7 +121,8 @@ def run_config(cfg, timer, env, tail, bar):
 
 def markdown(meta, rows):
     lines = [f"# santa_cupy ternary-query decode: {meta['card']}, {meta['date']}", "",
-             f"- median of {meta['reps']} launches, L2 flushed before each"
+             f"- median of {meta['reps']} launches, L2 flushed ({meta.get('flush', 'write')} of 256 MiB) "
+             "before each"
              + (f" and the GPU then held {meta['hold_us']} µs (both untimed)" if meta.get("hold_us") else "")
              + "; copy bandwidth "
              f"{meta['copy_bw'] / 1e12:.3f} TB/s; floor = bytes / copy bandwidth.",
@@ -161,7 +162,8 @@ def main(argv=None):
     name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
     meta = dict(card=name.decode() if isinstance(name, bytes) else str(name), suite="bernoulli",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-                reps=args.reps, hold_us=timing.HOLD_US, copy_bw=env["copy_bw"], q_tail=args.q_tail, seed=SEED,
+                reps=args.reps, flush=flush.mode, hold_us=timing.HOLD_US, copy_bw=env["copy_bw"],
+                q_tail=args.q_tail, seed=SEED,
                 versions=versions, import_errors=notes)
     configs = [c for c in CONFIGS if not args.only or any(t in c.name for t in args.only)]
     bar = timing.progress(len(configs) * len(tasks()), desc="bernoulli")

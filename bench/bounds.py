@@ -63,12 +63,12 @@ def bounds(rows, key_read_us, targets=TARGETS, scheme="systematic", samples=256)
     return out
 
 
-def markdown(card, date, empty_us, results_name, table):
+def markdown(card, date, empty_us, results_name, table, flush_mode="read"):
     """The table of :func:`bounds` as markdown, with the measurements it rests on."""
     lines = [f"# SANTA bounds: {card}, {date}", "",
              f"- from `{results_name}` (SANTA systematic S=256 and the best dense kernel of each configuration);",
-             f"- measured here, L2 flushed before each launch: an empty kernel {empty_us:.1f} µs; the fastest "
-             "read of the keys (column 'keys read': a streaming load loop or per-warp cp.async rings);",
+             f"- measured here, L2 flushed ({flush_mode}) before each launch as there: an empty kernel "
+             f"{empty_us:.1f} µs; the fastest read of the keys (column 'keys read': a streaming load loop or per-warp cp.async rings);",
              "- 'with stash' / 'no stash': SANTA's bytes (keys, fp32 score stash written and read back, distinct V "
              "rows) at the best dense kernel's read rate, with and without the stash.", "",
              "| config | target | best dense µs | target µs | keys read µs | with stash µs | no stash µs "
@@ -133,7 +133,7 @@ _SHAPES = ((1, 1024), (2, 512), (4, 512), (8, 256), (16, 128))   # (blocks per S
 _RING_SHAPES = ((3, 128), (2, 128), (6, 64), (12, 32))         # 16 KB of shared memory per warp
 
 
-def measure(nbytes_list, flush_mib=256, reps=60):
+def measure(nbytes_list, flush_mib=256, flush_mode="read", reps=60):
     """(empty kernel µs, {nbytes: fastest read µs}) on the current device."""
     import cupy
     import numpy
@@ -141,7 +141,7 @@ def measure(nbytes_list, flush_mib=256, reps=60):
     from . import timing
     mod = cupy.RawModule(code=_READER, options=("-std=c++17",),
                          name_expressions=[f"plain_read<{u}>" for u in _UNROLLS] + ["ring_read", "empty_kernel"])
-    flush = timing.L2Flush(flush_mib)
+    flush = timing.L2Flush(flush_mib, flush_mode)
     t = lambda f: timing.time_launches(f, flush, reps, 5)["median"]
     sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
     buf = cupy.ones(max(nbytes_list) // 4 + 4, dtype=cupy.int32)
@@ -173,11 +173,12 @@ def main(argv=None):
     card = name.decode() if isinstance(name, bytes) else str(name)
     if card != data["meta"].get("card"):
         print(f"warning: results from {data['meta'].get('card')}, measuring on {card}", file=sys.stderr)
-    empty_us, reads = measure([key_bytes(r) for r in first.values()], data["meta"].get("flush_mib", 256))
+    flush_mode = data["meta"].get("flush", "write")      # results before version 76 flushed by writing
+    empty_us, reads = measure([key_bytes(r) for r in first.values()], data["meta"].get("flush_mib", 256), flush_mode)
     table = bounds(rows, {c: reads[key_bytes(r)] for c, r in first.items()})
     meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "suite": "bounds"}
-    text = markdown(card, meta["date"], empty_us, Path(args.results).name, table)
+    text = markdown(card, meta["date"], empty_us, Path(args.results).name, table, flush_mode)
     print(text)
     if args.out:
         out = Path(args.out) / f"{report.file_stem(meta)}.md"

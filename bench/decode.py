@@ -438,6 +438,10 @@ def parse_args(argv=None):
                         "standard deviation q-scale; larger is peakier attention, fewer distinct V "
                         "rows and a smaller SANTA error (default: 1)")
     p.add_argument("--flush-mib", type=int, default=256, help="L2 flush buffer, MiB (>= 256)")
+    p.add_argument("--flush", choices=("read", "write"), default="read",
+                   help="how the L2 is flushed before each launch: read the buffer (the L2 is left clean) "
+                        "or write it (left dirty: each launch also writes the flush's lines back; "
+                        "bench/NOTES.md, version 76). Default: read")
     p.add_argument("--copy-mib", type=int, default=1024, help="copy bandwidth buffer, MiB")
     p.add_argument("--device", type=int, default=0, help="CUDA device id")
     p.add_argument("--list", action="store_true", help="print the configurations and methods; no GPU")
@@ -472,10 +476,11 @@ def main(argv=None):
     name = props["name"]
     env["copy_bw"] = timing.copy_bandwidth(args.copy_mib)
     env["q_scale"] = args.q_scale
-    flush = timing.L2Flush(args.flush_mib)
+    flush = timing.L2Flush(args.flush_mib, args.flush)
     meta = {"card": name.decode() if isinstance(name, bytes) else str(name),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "suite": args.suite, "reps": reps, "warmup": warmup, "flush_mib": max(256, args.flush_mib),
+            "flush": args.flush,
             "hold_us": timing.HOLD_US,
             "copy_mib": args.copy_mib, "copy_bw": env["copy_bw"], "seed": SEED,
             "q_scale": args.q_scale,

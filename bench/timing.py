@@ -49,20 +49,33 @@ def share_stream():
 
 
 class L2Flush:
-    """Evicts the L2 cache by writing a buffer much larger than it (H100: 50 MB, H200: 60 MB).
+    """Evicts the L2 cache by streaming a buffer much larger than it (H100: 50 MB, H200: 60 MB).
+
+    ``mode="read"`` (the default) reads the buffer, so the timed launch finds the L2 full of clean
+    lines, as a decode step's attention finds it after kernels that read weights.
+    ``mode="write"`` fills the buffer, which leaves the L2 full of dirty lines that are written
+    back while the timed launch runs, traffic that is not its own (7-10 µs on every method at
+    batch 8 / 32k on an H200: bench/NOTES.md, version 76).
 
     Parameters
     ----------
     mib : int
         Buffer size in MiB, at least 256.
+    mode : {"read", "write"}
     """
 
-    def __init__(self, mib=256):
+    def __init__(self, mib=256, mode="read"):
+        if mode not in ("read", "write"):
+            raise ValueError(f"mode must be 'read' or 'write', got {mode!r}")
         import cupy
-        self.buf = cupy.empty(max(256, int(mib)) << 18, dtype=cupy.uint32)
+        self.mode = mode
+        self.buf = cupy.ones(max(256, int(mib)) << 18, dtype=cupy.uint32)
         self._value = 0
 
     def __call__(self):
+        if self.mode == "read":
+            self.buf.max()          # a reduction: every line of the buffer passes through the L2
+            return
         # A changing non-zero value keeps this an elementwise write kernel (0 may become a memset).
         self._value = self._value % 1000 + 1
         self.buf.fill(self._value)

@@ -119,6 +119,18 @@ def test_markdown_json_and_files(tmp_path):
         assert paths["png"].stat().st_size > 0
 
 
+def test_flush_mode_checked_and_named():
+    from bench import timing
+    with pytest.raises(ValueError, match="mode"):
+        timing.L2Flush(mode="evict")
+    rows, _, _ = _fake_rows()
+    report.finish_rows(rows, BW)
+    meta = {"card": "card", "date": "2026-05-01T12:34+00:00", "suite": "smoke", "reps": 100,
+            "warmup": 10, "flush_mib": 256, "copy_mib": 1024, "copy_bw": BW}
+    assert "(256 MiB read, untimed)" in report.markdown({**meta, "flush": "read"}, rows)
+    assert "(256 MiB write, untimed)" in report.markdown(meta, rows)   # results from before the read flush
+
+
 def test_measure_keeps_fastest_and_records_errors():
     stats = lambda us: {"median": us, "min": us, "p10": us, "p90": us}  # noqa: E731
     timer = lambda fn: stats(fn())  # noqa: E731 -- the fake "output" doubles as the time
