@@ -68,7 +68,8 @@ def markdown(card, date, empty_us, results_name, table, flush_mode="read"):
     lines = [f"# SANTA bounds: {card}, {date}", "",
              f"- from `{results_name}` (SANTA systematic S=256 and the best dense kernel of each configuration);",
              f"- measured here, L2 flushed ({flush_mode}) before each launch as there: an empty kernel "
-             f"{empty_us:.1f} µs; the fastest read of the keys (column 'keys read': a streaming load loop or per-warp cp.async rings);",
+             f"{empty_us:.1f} µs; the fastest read of the keys (column 'keys read': a streaming load loop "
+             "or per-warp cp.async rings);",
              "- 'with stash' / 'no stash': SANTA's bytes (keys, fp32 score stash written and read back, distinct V "
              "rows) at the best dense kernel's read rate, with and without the stash.", "",
              "| config | target | best dense µs | target µs | keys read µs | with stash µs | no stash µs "
@@ -174,7 +175,8 @@ def main(argv=None):
     if card != data["meta"].get("card"):
         print(f"warning: results from {data['meta'].get('card')}, measuring on {card}", file=sys.stderr)
     flush_mode = data["meta"].get("flush", "write")      # results before version 76 flushed by writing
-    empty_us, reads = measure([key_bytes(r) for r in first.values()], data["meta"].get("flush_mib", 256), flush_mode)
+    empty_us, reads = measure([key_bytes(r) for r in first.values()], data["meta"].get("flush_mib", 256),
+                              flush_mode)
     table = bounds(rows, {c: reads[key_bytes(r)] for c, r in first.items()})
     meta = {"card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
             "suite": "bounds"}
