@@ -9,7 +9,8 @@
 //   santa_scores    launch 1: reads every K row once, writes the scores (the stash) and (max, sum)
 //                   statistics per tile (per 64-row part of a tile on 16-bit caches); the last
 //                   block of a (batch, KV head) turns them into the global CDF's tile offsets
-//                   (and, for iid, the sorted draw positions).
+//                   (and, for iid, the sorted draw positions). santa_part_scores: the same with
+//                   each part's own CDF in the stash in place of its scores.
 //   santa_values    launch 2: a warp per (tile, head) with draws (santa_part_values: per few
 //                   64-row parts of a head with draws) finds the rows its draws land in (the draw
 //                   ranges come from closed forms: no per-tile budget rounding) and gathers only
@@ -522,7 +523,11 @@ __global__ void __launch_bounds__(SANTA_THREADS) stash_decode(
 // scores straight from the mma accumulators and keeps each head's online (max, sum) per lane; at
 // a part's end the quad merges them into the part's statistics (STAT_PARTS per tile: whole tiles
 // per warp would balance poorly).
-template <typename T, int D>
+// CDF (for santa_part_values): the stash holds each part's own CDF instead of the scores: per
+// head and row, the sum of exp(s - m) over the part's rows up to it (m: the part's maximum, its
+// statistic; the last row's sum is the other). A warp holds a part's scores in registers until
+// its last step, when the maximum is known, so pass 2 scans nothing.
+template <typename T, int D, bool CDF>
 __device__ __forceinline__ void scores_body_pipelined(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
@@ -551,55 +556,125 @@ __device__ __forceinline__ void scores_body_pipelined(
   WarpRing<T, D, NS, SC, 1> ring{smem_raw + warp * NS * SC * C::BYTES, mask_sm[warp]};
   // the warp's i-th step: step i % SPP of part warp + (i / SPP) W of the split
   auto step_pos = [&](int i) { return start + (warp + (i / SPP) * W) * PART + (i % SPP) * SC * CHUNK_ROWS; };
-  ring.run(k, (const T*)nullptr, cache, b, kvh, end, mine, step_pos, [&](int i, const char* st, u32 mask) {
-    float c[SC][2][4];
+  if constexpr (CDF) {
+    // the part's earlier steps: scores of head grp (e 0, 1) and grp + 8 (e 2, 3)
+    float held[SPP > 1 ? SPP - 1 : 1][SC][2][4];
+    ring.run(k, (const T*)nullptr, cache, b, kvh, end, mine, step_pos, [&](int i, const char* st, u32 mask) {
+      float c[SC][2][4];
 #pragma unroll
-    for (int j = 0; j < SC; ++j) chunk_dots<T, D>(st + j * C::BYTES, qf, c[j]);
-    const int pos0 = step_pos(i);
-    float mx_lo = m_lo, mx_hi = m_hi;
-#pragma unroll
-    for (int j = 0; j < SC; ++j)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          c[j][nt][e] = (mask >> (j * CHUNK_ROWS + nt * 8 + tig * 2 + (e & 1))) & 1u ? c[j][nt][e] * scale : NEG_INF;
-        float* dst = stash + (bh0 + grp) * stash_stride + pos0 + j * CHUNK_ROWS + nt * 8 + tig * 2;
-        if (grp < G) *reinterpret_cast<float2*>(dst) = make_float2(c[j][nt][0], c[j][nt][1]);
-        if (grp + 8 < G) *reinterpret_cast<float2*>(dst + 8 * (long long)stash_stride) = make_float2(c[j][nt][2], c[j][nt][3]);
-        mx_lo = fmaxf(mx_lo, fmaxf(c[j][nt][0], c[j][nt][1]));
-        mx_hi = fmaxf(mx_hi, fmaxf(c[j][nt][2], c[j][nt][3]));
-      }
-    const float ref_lo = mx_lo == NEG_INF ? 0.f : mx_lo;
-    float sum = 0.f;
-#pragma unroll
-    for (int j = 0; j < SC; ++j)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][0] - ref_lo) + __expf(c[j][nt][1] - ref_lo);
-    l_lo = l_lo * __expf(m_lo - ref_lo) + sum;
-    m_lo = mx_lo;
-    if (G > 8) {                                // heads 8-15 of the mma tile exist
-      const float ref_hi = mx_hi == NEG_INF ? 0.f : mx_hi;
-      sum = 0.f;
+      for (int j = 0; j < SC; ++j) chunk_dots<T, D>(st + j * C::BYTES, qf, c[j]);
 #pragma unroll
       for (int j = 0; j < SC; ++j)
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][2] - ref_hi) + __expf(c[j][nt][3] - ref_hi);
-      l_hi = l_hi * __expf(m_hi - ref_hi) + sum;
-      m_hi = mx_hi;
-    }
-    if (i % SPP != SPP - 1) return;
-    // the part is complete: merge the quad's (max, sum) per head
-    const long long part = (pos0 - (SPP - 1) * SC * CHUNK_ROWS) / PART;
-    const float q_lo = quad_max(m_lo), q_hi = quad_max(m_hi);
-    const float s_lo = quad_sum(q_lo == NEG_INF ? 0.f : l_lo * __expf(m_lo - q_lo));
-    const float s_hi = quad_sum(q_hi == NEG_INF ? 0.f : l_hi * __expf(m_hi - q_hi));
-    if (tig == 0 && grp < G) { stat_m[(bh0 + grp) * stat_stride + part] = q_lo; stat_l[(bh0 + grp) * stat_stride + part] = s_lo; }
-    if (tig == 0 && grp + 8 < G) {
-      stat_m[(bh0 + grp + 8) * stat_stride + part] = q_hi; stat_l[(bh0 + grp + 8) * stat_stride + part] = s_hi;
-    }
-    m_lo = m_hi = NEG_INF; l_lo = l_hi = 0.f;
-  });
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            c[j][nt][e] = (mask >> (j * CHUNK_ROWS + nt * 8 + tig * 2 + (e & 1))) & 1u ? c[j][nt][e] * scale : NEG_INF;
+      if (i % SPP != SPP - 1) {
+#pragma unroll
+        for (int s = 0; s < SPP - 1; ++s)
+#pragma unroll
+          for (int j = 0; j < SC; ++j)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) held[s][j][nt][e] = s + 2 < SPP ? held[s + 1][j][nt][e] : c[j][nt][e];
+        return;
+      }
+      const int pos0 = step_pos(i) - (SPP - 1) * SC * CHUNK_ROWS;      // the part's first row
+      const long long part = pos0 / PART;
+      // head h's part CDF: score (s, j, nt, e) is row s SC 16 + j 16 + nt 8 + 2 tig + e; each 8 rows'
+      // sums come from a quad scan, their totals carried in order
+      auto part_cdf = [&](int hi, int h) {
+        auto score = [&](int s, int j, int nt, int e) {
+          return s < SPP - 1 ? held[s][j][nt][2 * hi + e] : c[j][nt][2 * hi + e];
+        };
+        float mx = NEG_INF;
+#pragma unroll
+        for (int s = 0; s < SPP; ++s)
+#pragma unroll
+          for (int j = 0; j < SC; ++j)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) mx = fmaxf(mx, fmaxf(score(s, j, nt, 0), score(s, j, nt, 1)));
+        mx = quad_max(mx);
+        const float ref = mx == NEG_INF ? 0.f : mx;
+        float run = 0.f;
+        float* dst = stash + (bh0 + h) * stash_stride + pos0 + tig * 2;
+#pragma unroll
+        for (int s = 0; s < SPP; ++s)
+#pragma unroll
+          for (int j = 0; j < SC; ++j)
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              const float a = __expf(score(s, j, nt, 0) - ref), two = a + __expf(score(s, j, nt, 1) - ref);
+              float x = two, y = __shfl_up_sync(0xffffffffu, x, 1, 4);
+              if (tig >= 1) x += y;
+              y = __shfl_up_sync(0xffffffffu, x, 2, 4);
+              if (tig >= 2) x += y;
+              if (h < G)
+                *reinterpret_cast<float2*>(dst + (s * SC + j) * CHUNK_ROWS + nt * 8) =
+                    make_float2(run + (x - two) + a, run + x);
+              run += __shfl_sync(0xffffffffu, x, 3, 4);
+            }
+        if (tig == 0 && h < G) {
+          stat_m[(bh0 + h) * stat_stride + part] = mx;
+          stat_l[(bh0 + h) * stat_stride + part] = run;
+        }
+      };
+      part_cdf(0, grp);
+      if (G > 8) part_cdf(1, grp + 8);
+    });
+  } else {
+    ring.run(k, (const T*)nullptr, cache, b, kvh, end, mine, step_pos, [&](int i, const char* st, u32 mask) {
+      float c[SC][2][4];
+#pragma unroll
+      for (int j = 0; j < SC; ++j) chunk_dots<T, D>(st + j * C::BYTES, qf, c[j]);
+      const int pos0 = step_pos(i);
+      float mx_lo = m_lo, mx_hi = m_hi;
+#pragma unroll
+      for (int j = 0; j < SC; ++j)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            c[j][nt][e] = (mask >> (j * CHUNK_ROWS + nt * 8 + tig * 2 + (e & 1))) & 1u ? c[j][nt][e] * scale : NEG_INF;
+          float* dst = stash + (bh0 + grp) * stash_stride + pos0 + j * CHUNK_ROWS + nt * 8 + tig * 2;
+          if (grp < G) *reinterpret_cast<float2*>(dst) = make_float2(c[j][nt][0], c[j][nt][1]);
+          if (grp + 8 < G) *reinterpret_cast<float2*>(dst + 8 * (long long)stash_stride) = make_float2(c[j][nt][2], c[j][nt][3]);
+          mx_lo = fmaxf(mx_lo, fmaxf(c[j][nt][0], c[j][nt][1]));
+          mx_hi = fmaxf(mx_hi, fmaxf(c[j][nt][2], c[j][nt][3]));
+        }
+      const float ref_lo = mx_lo == NEG_INF ? 0.f : mx_lo;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < SC; ++j)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][0] - ref_lo) + __expf(c[j][nt][1] - ref_lo);
+      l_lo = l_lo * __expf(m_lo - ref_lo) + sum;
+      m_lo = mx_lo;
+      if (G > 8) {                                // heads 8-15 of the mma tile exist
+        const float ref_hi = mx_hi == NEG_INF ? 0.f : mx_hi;
+        sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < SC; ++j)
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) sum += __expf(c[j][nt][2] - ref_hi) + __expf(c[j][nt][3] - ref_hi);
+        l_hi = l_hi * __expf(m_hi - ref_hi) + sum;
+        m_hi = mx_hi;
+      }
+      if (i % SPP != SPP - 1) return;
+      // the part is complete: merge the quad's (max, sum) per head
+      const long long part = (pos0 - (SPP - 1) * SC * CHUNK_ROWS) / PART;
+      const float q_lo = quad_max(m_lo), q_hi = quad_max(m_hi);
+      const float s_lo = quad_sum(q_lo == NEG_INF ? 0.f : l_lo * __expf(m_lo - q_lo));
+      const float s_hi = quad_sum(q_hi == NEG_INF ? 0.f : l_hi * __expf(m_hi - q_hi));
+      if (tig == 0 && grp < G) { stat_m[(bh0 + grp) * stat_stride + part] = q_lo; stat_l[(bh0 + grp) * stat_stride + part] = s_lo; }
+      if (tig == 0 && grp + 8 < G) {
+        stat_m[(bh0 + grp + 8) * stat_stride + part] = q_hi; stat_l[(bh0 + grp + 8) * stat_stride + part] = s_hi;
+      }
+      m_lo = m_hi = NEG_INF; l_lo = l_hi = 0.f;
+    });
+  }
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   build_plan<STAT_PARTS>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
                          Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
@@ -679,22 +754,24 @@ __device__ __forceinline__ void scores_body(
 // shared memory allows three); 256-wide rows keep their registers (their stages allow one block).
 // `ready`: one flag per (sequence, KV head) on which its plan is published (or null): pass 2 runs
 // beside this kernel on the pairs it has finished.
+#define SCORE_ARGS const T *q, const T *k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max,          \
+    int stash_stride, float *stash, float *stat_m, float *stat_l, int *counters, int scheme, int S,               \
+    const u64 *keys, u64 key, int seq_per_batch, const u32 *offset_ptr, u32 offset, float *plan_M, double *plan_Z,  \
+    double *plan_P, double *plan_pos, u32 *plan_off, int *ready
+#define SCORE_ARG_NAMES q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,    \
+    scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, counters, scheme, S, keys, key,         \
+    seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off, ready
 template <typename T, int D>
-__global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(
-    const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
-    float* stash, float* stat_m, float* stat_l, int* counters,
-    int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
+__global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(SCORE_ARGS) {
   let_dependent_kernel_start();     // pass 2 waits for the plans it needs
-  if constexpr (sizeof(T) == 2)
-    scores_body_pipelined<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads,
-                                q_heads, scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l,
-                                counters, scheme, S, keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z,
-                                plan_P, plan_pos, plan_off, ready);
-  else
-    scores_body<T, D>(q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,
-                      scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, counters, scheme, S,
-                      keys, key, seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off, ready);
+  if constexpr (sizeof(T) == 2) scores_body_pipelined<T, D, false>(SCORE_ARG_NAMES);
+  else scores_body<T, D>(SCORE_ARG_NAMES);
+}
+// santa_scores with part CDFs in the stash, before santa_part_values (16-bit caches only).
+template <typename T, int D>
+__global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_part_scores(SCORE_ARGS) {
+  let_dependent_kernel_start();
+  if constexpr (sizeof(T) == 2) scores_body_pipelined<T, D, true>(SCORE_ARG_NAMES);
 }
 
 // Number of global draw positions below x (scheme iid, stratified or systematic).
@@ -775,11 +852,12 @@ template <typename T, int D> struct RowSlice {
 // Pass 2: warps work independently, one task at a time: a (tile, head) with draws
 // (santa_values), or up to STAT_PARTS 64-row parts of a head that receive draws, 8 lanes per part
 // (santa_part_values, 16-bit caches: where most parts receive no draw). A warp reads the task's
-// stash, scans exp(s - ref) into CDF edges, finds each draw's row by binary search (a lane per
-// draw: work per draw, not per row), lists each drawn row once with its draw count (the draws are
-// in row order: a run of equal rows is one entry), and accumulates the listed V rows (weight:
-// draws x fac) into its slice of the head's output. Warps split the heads of the group, then the block's tiles; the block sums
-// its warps in a fixed order per head and the last block merges the splits.
+// stash and scans exp(s - ref) into CDF edges (part tasks: the stash holds the parts' CDFs, from
+// santa_part_scores), finds each draw's row by binary search (a lane per draw: work per draw, not
+// per row), lists each drawn row once with its draw count (the draws are in row order: a run of
+// equal rows is one entry), and accumulates the listed V rows (weight: draws x fac) into its
+// slice of the head's output. Warps split the heads of the group, then the block's tiles; the
+// block sums its warps in a fixed order per head and the last block merges the splits.
 // A block starts once pass 1 has published its (sequence, KV head)'s plan, while pass 1 may still
 // score other pairs. `counters` holds the split counters, then the published flags (reset here
 // once every block of the pair is done), then a count of finished pairs (the last one advances
@@ -827,8 +905,8 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   const int nparts = valid_parts(len, STAT_PARTS), p0 = min(nparts, t0 * STAT_PARTS);
   const int np = min(nparts, t1 * STAT_PARTS) - p0, nt = t1 - t0;
   unsigned short* bnd = reinterpret_cast<unsigned short*>(td_sm);
-  float* part_at = reinterpret_cast<float*>(bnd + 4 * ((G * (np + 1) + 3) / 4));
-  double* tile_at = reinterpret_cast<double*>(part_at + 2 * ((G * np + 1) / 2));
+  float2* part_at = reinterpret_cast<float2*>(bnd + 4 * ((G * (np + 1) + 3) / 4));
+  double* tile_at = reinterpret_cast<double*>(part_at + G * np);
   double* z_sm = tile_at + G * nt;
   double* u_sm = z_sm + G;
   float* m_sm = reinterpret_cast<float*>(u_sm + G);
@@ -863,8 +941,9 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   } else {
   // Per head g: bnd[g (np + 1) + k] draws before part p0 + k (draws are in CDF order, so part p
   // receives draws [bnd(p), bnd(p + 1))); a part's CDF offset is its tile's, tile_at[g nt + t - t0],
-  // plus its own in the tile, part_at[g np + p - p0] (the plan's float sum of the parts before it).
-  // The head's totals and systematic offset first, once per head.
+  // plus its own in the tile, part_at[g np + p - p0].x (the plan's float sum of the parts before it);
+  // part_at[..].y = exp(M - m) turns the head's scale (exp(s - M), M its maximum) into that of the
+  // part's stashed CDF (exp(s - m)). The head's totals and systematic offset first.
   if (threadIdx.x < G) {
     const int g = threadIdx.x;
     z_sm[g] = plan_Z[bh0 + g];
@@ -880,12 +959,11 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     if (p < nparts) {
       const int t = p / STAT_PARTS, j = p % STAT_PARTS;
       const double Pt = plan_P[(bh0 + g) * (tiles_max + 1) + t], Z = z_sm[g], U = u_sm[g];
-      float c = 0.f;
+      const float mx = m_sm[g];
+      const long long head = (bh0 + g) * tiles_max * STAT_PARTS;
+      float pm[STAT_PARTS], pl[STAT_PARTS], c = 0.f;
+      load_parts<STAT_PARTS>(stat_m + head, t, valid_parts(len, STAT_PARTS), NEG_INF, pm);
       if (j > 0) {
-        const float mx = m_sm[g];
-        const long long head = (bh0 + g) * tiles_max * STAT_PARTS;
-        float pm[STAT_PARTS], pl[STAT_PARTS];
-        load_parts<STAT_PARTS>(stat_m + head, t, valid_parts(len, STAT_PARTS), NEG_INF, pm);
         load_parts<STAT_PARTS>(stat_l + head, t, valid_parts(len, STAT_PARTS), 0.f, pl);
         if (mx != NEG_INF)
 #pragma unroll
@@ -893,7 +971,8 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
             if (q < j) c += pl[q] * __expf(pm[q] - mx);     // as build_plan sums a tile's mass
       }
       if (k < np) {
-        part_at[g * np + k] = c;
+        // (a scale of inf: the part's mass is below float range, no draw lands there)
+        part_at[g * np + k] = make_float2(c, pm[j] == NEG_INF ? 0.f : __expf(mx - pm[j]));
         if (j == 0) tile_at[g * nt + t - t0] = Pt;
       }
       n = draws_below(scheme, (Pt + (double)c) * (Z > 0.0 ? 1.0 / Z : 0.0), S, U, st, b, h, off,
@@ -963,24 +1042,27 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     // task's parts are in order, and so are their draws: part k's draws follow part k - 1's.
     auto task = [&](int part, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
       if (d.ref == NEG_INF) rows = 0;
-      float w[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w}, c[8], run = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) w[i] = __expf(w[i] - d.ref);
+      // each part's CDF edges (tile tasks: scanned weights exp(s - ref); part tasks: the stash;
+      // past the part's rows +inf)
+      float e[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
       const bool ends = sl * 8 + 8 > rows;   // the part ends at or before this lane's rows
-      if (ends)
+      if constexpr (Q == 1) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (sl * 8 + i >= rows) w[i] = 0.f;
+        for (int i = 0; i < 8; ++i) e[i] = __expf(e[i] - d.ref);
+        if (ends)
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        run += w[i];
-        c[i] = run;
+          for (int i = 0; i < 8; ++i)
+            if (sl * 8 + i >= rows) e[i] = 0.f;
+        float run = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          run += e[i];
+          e[i] = run;
+        }
+        const float before = warp_inclusive_scan(run, part_lanes) - run;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] += before;
       }
-      // each part's CDF edges (scanned weights; past the part's rows +inf)
-      const float before = warp_inclusive_scan(run, part_lanes) - run;
-      float e[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = c[i] + before;
       if (ends)
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -1009,6 +1091,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         const int src = sj * part_lanes;
         const double base = Q == 1 ? d.base : __shfl_sync(0xffffffffu, d.base, src);
         const float top = Q == 1 ? last : __shfl_sync(0xffffffffu, last, src);
+        const float to_part = Q == 1 ? 1.f : __shfl_sync(0xffffffffu, d.ref, src);   // part_at[..].y
         const int pos0 = (Q == 1 ? part : __shfl_sync(0xffffffffu, part, src)) * part_rows;
         int key = -1, r = 0;
         if (j < hi) {
@@ -1016,7 +1099,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
           if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
           else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
           else u = ((double)j + U) * inv_s;
-          const float x = fminf(fmaxf((float)(u * mass - base), 0.f), top);
+          const float x = fminf(fmaxf((float)(u * mass - base) * to_part, 0.f), top);
           // the first row whose edge passes x or, at the total, reaches it (x <= top, so one test);
           // the +inf past the rows keeps the search within them
           const float* pe = edge + sj * part_rows;
@@ -1110,8 +1193,9 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         TileDraws d{0.0, 0.0, 0.0, NEG_INF, fac, 0, 0};
         if (part >= 0) {
           d.lo = bg[part]; d.hi = bg[part + 1];
-          d.base = tile_at[g * nt + part / Q - t0] + (double)part_at[g * np + part - p0];
-          d.mass = z_sm[g]; d.U = u_sm[g]; d.ref = m_sm[g];
+          const float2 at = part_at[g * np + part - p0];
+          d.base = tile_at[g * nt + part / Q - t0] + (double)at.x;
+          d.mass = z_sm[g]; d.U = u_sm[g]; d.ref = at.y;
         }
         task(part, part >= 0 ? min(part_rows, len - part * part_rows) : 0, s0, s1, d);
       }

@@ -253,11 +253,12 @@ def decode_exact_scored(q, k, v, kv_lens, page_table, geo, scale, seed, out, ret
                        lambda rows, *outs: (v, *cache, rows, buf["stash"], buf["stride"], *outs, buf["advance"]))
 
 
-def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=False):
+def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=False, part_cdf=False):
     """Prepare SANTA pass 1: ``santa_scores`` on a standard cache, ``key_scores`` on a feature-major
     one (``key_draws``: None for a standard cache, else ``(draws, stratified, group code)``, draws 0
     for exact scores). ``publish``: each pair's plan is published to ``santa_values``, which must
-    follow (it resets the flags). Returns the launch and the buffers pass 2 reads."""
+    follow (it resets the flags). ``part_cdf``: ``santa_part_scores`` (16-bit caches), whose stash
+    ``santa_part_values`` reads. Returns the launch and the buffers pass 2 reads."""
     dt, D = q.dtype.name, geo.dim
     B, H, G = geo.batch, geo.q_heads, geo.group
     tiles_max = -(-geo.capacity // TILE)
@@ -282,7 +283,8 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
     if key_draws is None and _pipelined(q.dtype):
         smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * SCORE_PIPE_CHUNKS * _chunk_bytes(q.dtype, D), sort_bytes)
-        kern, threads = _launch("santa_scores", dt, D, smem, max_shared=True), 32 * SCORE_PIPE_WARPS
+        name = "santa_part_scores" if part_cdf else "santa_scores"
+        kern, threads = _launch(name, dt, D, smem, max_shared=True), 32 * SCORE_PIPE_WARPS
         n1, per1 = _splits(tiles_max * STAT_PARTS, pairs, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
         split_arg, stat_parts = per1 * (TILE // STAT_PARTS), STAT_PARTS       # rows per split
     else:
@@ -328,18 +330,20 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     dt, D = q.dtype.name, geo.dim
     B, H, G = geo.batch, geo.q_heads, geo.group
     cache = _cache_args(k, kv_lens, page_table, geo)
+    stat_parts = STAT_PARTS if key_draws is None and _pipelined(q.dtype) else 1
+    task_parts = _value_task_parts(stat_parts, scheme, samples, geo)
     # everything is prepared before the first launch, so the two kernels run back to back
-    launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=True)
+    launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=True,
+                               part_cdf=task_parts > 1)
     per_max = MAX_TILES_PER_VALUE_BLOCK
-    task_parts = _value_task_parts(int(buf["stat_parts"]), scheme, samples, geo)
     # kernels_cu: santa_values' per-warp buffers and tile draws; santa_part_values' per-head tables
-    # (draws before each part, parts' and tiles' offsets, head totals) in their place
+    # (draws before each part, parts' offsets and scales, tiles' offsets, head totals) in their place
     if task_parts == 1:
         name, tables = "santa_values", TILE_DRAWS_BYTES * G * per_max
     else:
         parts = per_max * task_parts
         name = "santa_part_values"
-        tables = 8 * -(-2 * G * (parts + 1) // 8) + 8 * -(-4 * G * parts // 8) + 8 * G * per_max + 20 * G
+        tables = 8 * -(-2 * G * (parts + 1) // 8) + 8 * G * parts + 8 * G * per_max + 20 * G
     smem2 = VALUE_WARPS * VALUE_WARP_BYTES + tables
     kern2 = _launch(name, dt, D, smem2)
     # whole rounds of tiles for the block's warps

@@ -5,7 +5,8 @@ import re
 
 DTYPE_TAGS = {"float32": "float", "bfloat16": "bf16_t", "float16": "f16_t"}
 HEAD_DIMS = (64, 128, 256)
-KERNELS = ("exact_decode", "stash_decode", "santa_scores", "santa_values", "santa_part_values", "key_scores")
+KERNELS = ("exact_decode", "stash_decode", "santa_scores", "santa_part_scores", "santa_values", "santa_part_values",
+           "key_scores")
 SOURCES = ("decode.cu", "bernoulli.cu")
 OPTIONS = ("-std=c++17",)
 _INCLUDE = re.compile(r'^#include "([^"]+)"$', re.M)
