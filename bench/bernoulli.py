@@ -121,7 +121,7 @@ def run_config(cfg, timer, env, tail, bar):
 
 def markdown(meta, rows):
     lines = [f"# santa_cupy ternary-query decode: {meta['card']}, {meta['date']}", "",
-             f"- median of {meta['reps']} launches, L2 flushed ({meta.get('flush', 'write')} of 256 MiB) "
+             f"- median of {meta['reps']} launches, L2 flushed ({timing.flush_mode(meta)} of 256 MiB) "
              "before each"
              + (f" and the GPU then held {meta['hold_us']} µs (both untimed)" if meta.get("hold_us") else "")
              + "; copy bandwidth "

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import report
+from . import report, timing
 
 #: (configuration, speedup over the best dense kernel that SANTA systematic S=256 should reach)
 TARGETS = (("b1-n32k", 2.5), ("b8-n32k", 1.9), ("b16-n32k", 1.7), ("b32-n8k", 1.7))
@@ -139,7 +139,6 @@ def measure(nbytes_list, flush_mib=256, flush_mode="read", reps=60):
     import cupy
     import numpy
 
-    from . import timing
     mod = cupy.RawModule(code=_READER, options=("-std=c++17",),
                          name_expressions=[f"plain_read<{u}>" for u in _UNROLLS] + ["ring_read", "empty_kernel"])
     flush = timing.L2Flush(flush_mib, flush_mode)
@@ -174,7 +173,7 @@ def main(argv=None):
     card = name.decode() if isinstance(name, bytes) else str(name)
     if card != data["meta"].get("card"):
         print(f"warning: results from {data['meta'].get('card')}, measuring on {card}", file=sys.stderr)
-    flush_mode = data["meta"].get("flush", "write")      # results before version 76 flushed by writing
+    flush_mode = timing.flush_mode(data["meta"])
     empty_us, reads = measure([key_bytes(r) for r in first.values()], data["meta"].get("flush_mib", 256),
                               flush_mode)
     table = bounds(rows, {c: reads[key_bytes(r)] for c, r in first.items()})

@@ -12,6 +12,8 @@ import math
 import re
 from pathlib import Path
 
+from . import timing
+
 #: Methods that are dense baselines; the speedup column is over the fastest of them.
 DENSE_BASELINES = ("flashinfer", "sdpa")
 
@@ -135,7 +137,7 @@ def markdown(meta, rows):
     lines += [
         f"- suite `{meta.get('suite')}`; median of {meta.get('reps')} timed launches after "
         f"{meta.get('warmup')} warm-up launches, CUDA events, L2 flushed before each launch "
-        f"({meta.get('flush_mib')} MiB {meta.get('flush', 'write')}, untimed)"
+        f"({meta.get('flush_mib')} MiB {timing.flush_mode(meta)}, untimed)"
         + (f", then the GPU held {meta['hold_us']} µs (untimed) so that no host-side launch cost is timed"
            if meta.get("hold_us") else "") + "; one process, one card.",
         f"- copy bandwidth {_fmt(bw and bw / 1e12, '.3f')} TB/s (device-to-device copy of "

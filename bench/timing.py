@@ -48,6 +48,12 @@ def share_stream():
     return ptr
 
 
+def flush_mode(meta):
+    """How the L2 was flushed for a results file's ``meta``: results from before the read flush
+    (bench/NOTES.md, version 76) carry no ``flush`` field and were flushed by writing."""
+    return meta.get("flush", "write")
+
+
 class L2Flush:
     """Evicts the L2 cache by streaming a buffer much larger than it (H100: 50 MB, H200: 60 MB).
 
