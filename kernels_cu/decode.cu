@@ -11,10 +11,10 @@
 //                   block of a (batch, KV head) turns them into the global CDF's tile offsets
 //                   (and, for iid, the sorted draw positions). santa_part_scores: the same with
 //                   each part's own CDF in the stash in place of its scores.
-//   santa_values    launch 2: a warp per (tile, head) with draws (santa_part_values: per few
-//                   64-row parts of a head with draws) finds the rows its draws land in (the draw
-//                   ranges come from closed forms: no per-tile budget rounding) and gathers only
-//                   those V rows; the last block merges the splits.
+//   santa_values    launch 2: a warp per (tile, head) with draws (santa_part_values: per round of
+//                   a head's draws, over the CDFs of the parts they land in) finds the rows its
+//                   draws land in (the draw ranges come from closed forms: no per-tile budget
+//                   rounding) and gathers only those V rows; the last block merges the splits.
 //
 // No float atomics anywhere: results are bitwise reproducible for the same inputs and seed.
 #include "common.cuh"
@@ -845,19 +845,22 @@ template <typename T, int D> struct RowSlice {
 #ifndef VALUE_BLOCKS_PER_SM       // register budget: 65536 / (VALUE_BLOCKS_PER_SM x SANTA_THREADS)
 #define VALUE_BLOCKS_PER_SM 4
 #endif
+#ifndef VALUE_PART_BATCHES        // part draws: gather batches in flight together
+#define VALUE_PART_BATCHES 2
+#endif
 #ifndef VALUE_GATHER_FLOATS       // registers a lane gives to V rows in flight
 #define VALUE_GATHER_FLOATS 16
 #endif
 
-// Pass 2: warps work independently, one task at a time: a (tile, head) with draws
-// (santa_values), or up to STAT_PARTS 64-row parts of a head that receive draws, 8 lanes per part
-// (santa_part_values, 16-bit caches: where most parts receive no draw). A warp reads the task's
-// stash and scans exp(s - ref) into CDF edges (part tasks: the stash holds the parts' CDFs, from
-// santa_part_scores), finds each draw's row by binary search (a lane per draw: work per draw, not
-// per row), lists each drawn row once with its draw count (the draws are in row order: a run of
-// equal rows is one entry), and accumulates the listed V rows (weight: draws x fac) into its
-// slice of the head's output. Warps split the heads of the group, then the block's tiles; the
-// block sums its warps in a fixed order per head and the last block merges the splits.
+// Pass 2: warps work independently. santa_values: one (tile, head) with draws at a time; the warp
+// reads the tile's stash, scans exp(s - ref) into CDF edges and finds each draw's row by binary
+// search (a lane per draw: work per draw, not per row). santa_part_values (16-bit caches, where
+// most parts receive no draw): rounds of 32 of the head's draws, each draw's row found by binary
+// search over its 64-row part's CDF (the stash of santa_part_scores). Either way the warp lists
+// each drawn row once with its draw count (the draws are in row order: a run of equal rows is one
+// entry) and accumulates the listed V rows (weight: draws x fac) into its slice of the head's
+// output. Warps split the heads of the group, then the block's tiles or draws; the block sums its
+// warps in a fixed order per head and the last block merges the splits.
 // A block starts once pass 1 has published its (sequence, KV head)'s plan, while pass 1 may still
 // score other pairs. `counters` holds the split counters, then the published flags (reset here
 // once every block of the pair is done), then a count of finished pairs (the last one advances
@@ -872,7 +875,7 @@ template <typename T, int D> struct RowSlice {
 #define VALUE_ARG_NAMES v, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,         \
     tiles_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, stat_parts, counters, scheme, S, keys, key,     \
     seq_per_batch, plan_M, plan_Z, plan_P, plan_pos, plan_off, part_o, out, lse_out, counts_out, offset_advance
-// Q: statistics parts per task (1: tile tasks; STAT_PARTS: part tasks, 16-bit caches only).
+// Q: 1 (tile tasks) or STAT_PARTS (part draws, 16-bit caches only).
 template <typename T, int D, int Q>
 __device__ __forceinline__ void values_body(VALUE_ARGS) {
   constexpr int E = RowSlice<T, D>::E;
@@ -886,7 +889,6 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   float* edge = reinterpret_cast<float*>(smem_raw + warp * VALUE_WARP_BYTES);   // this warp's CDF edges,
   u32* list_u = reinterpret_cast<u32*>(edge + SANTA_TILE);     //   the drawn rows' V offsets (in rows of D),
   int* list_c = reinterpret_cast<int*>(list_u + SANTA_TILE);   //   and their draw counts
-  int* task_sm = list_c;       // the next part task's parts (the list is free then)
   // warp w's share of the block sum sits in its counts, free once its tiles are done
   auto red_sm = [&](int w) { return reinterpret_cast<float*>(smem_raw + w * VALUE_WARP_BYTES) + 2 * SANTA_TILE; };
   __shared__ int flag;
@@ -986,14 +988,14 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   __syncthreads();
 
   // Warps over heads first, so that the heads of the group read the same tiles (and V rows) at
-  // about the same time; wt warps (a power of two) over tiles (tile tasks: interleaved; part
-  // tasks: a contiguous share of the parts each).
+  // about the same time; wt warps (a power of two) over tiles (tile tasks: interleaved) or the
+  // head's draws (part draws: a contiguous share each).
   int lwt = 0;    // log2 wt
   while ((2 << lwt) <= min(VALUE_WARPS / min(G, VALUE_WARPS), t1 - t0)) ++lwt;
   const int wt = 1 << lwt, HG = VALUE_WARPS >> lwt, wtile = warp & (wt - 1), hgrp = warp >> lwt;
-  // a task's parts each on part_lanes lanes, this lane on part seg, rows sl * 8 ..
-  constexpr int part_rows = SANTA_TILE / Q, part_lanes = 32 / Q;
-  const int seg = lane / part_lanes, sl = lane % part_lanes;
+  // a tile (part_rows = SANTA_TILE) takes the warp, a part 8 lanes; this lane's rows sl * 8 ..
+  constexpr int part_rows = SANTA_TILE / Q;
+  const int sl = lane % (32 / Q);
   for (int g0 = 0; g0 < G; g0 += HG) {
     const int g = g0 + hgrp;
     float acc[E];
@@ -1028,41 +1030,37 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       }
     };
     // Tile tasks: the first batch of a task's rows stays in flight while the warp scans its next
-    // task. Part tasks keep the next task's stash in flight instead (both would spill: NOTES v52).
+    // task.
     u32 pf[GB][Row::WORDS];
     float pw[GB];
     gather(0, 0, 0.f, pf, pw);
-    // this lane's 8 stashed scores of part `part`: rows part * part_rows + sl * 8 ..
+    // this lane's 8 stashed scores (part draws: CDF edges) of part `part`: rows part * part_rows + sl * 8 ..
     const float* stash_g = stash + (bh0 + min(g, G - 1)) * stash_stride + sl * 8;
     auto load_stash = [&](int part, float4& s0, float4& s1) {
       const float4* sg = reinterpret_cast<const float4*>(stash_g + part * part_rows);
       s0 = __ldcg(sg); s1 = __ldcg(sg + 1);
     };
-    // One task: this lane's part `part` of `rows` rows (0: none), its stash s0, s1 and draws d. The
-    // task's parts are in order, and so are their draws: part k's draws follow part k - 1's.
-    auto task = [&](int part, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
+    // One tile task: tile `tile` of `rows` rows, this lane's stashed scores s0, s1 and the draws d.
+    auto task = [&](int tile, int rows, const float4 s0, const float4 s1, const TileDraws& d) {
       if (d.ref == NEG_INF) rows = 0;
-      // each part's CDF edges (tile tasks: scanned weights exp(s - ref); part tasks: the stash;
-      // past the part's rows +inf)
+      // the tile's CDF edges: scanned weights exp(s - ref), +inf past its rows
       float e[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-      const bool ends = sl * 8 + 8 > rows;   // the part ends at or before this lane's rows
-      if constexpr (Q == 1) {
+      const bool ends = sl * 8 + 8 > rows;   // the tile ends at or before this lane's rows
 #pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] = __expf(e[i] - d.ref);
-        if (ends)
+      for (int i = 0; i < 8; ++i) e[i] = __expf(e[i] - d.ref);
+      if (ends)
 #pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (sl * 8 + i >= rows) e[i] = 0.f;
-        float run = 0.f;
+        for (int i = 0; i < 8; ++i)
+          if (sl * 8 + i >= rows) e[i] = 0.f;
+      float run = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          run += e[i];
-          e[i] = run;
-        }
-        const float before = warp_inclusive_scan(run, part_lanes) - run;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] += before;
+      for (int i = 0; i < 8; ++i) {
+        run += e[i];
+        e[i] = run;
       }
+      const float before = warp_inclusive_scan(run, 32) - run;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] += before;
       if (ends)
 #pragma unroll
         for (int i = 0; i < 8; ++i)
@@ -1070,45 +1068,32 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
       reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
       __syncwarp();
-      const float last = rows > 0 ? edge[seg * part_rows + rows - 1] : 0.f;
-      // The task's draws [lo, hi), a lane each: its part sj (the last whose first draw it reaches),
-      // its row by binary search over the part's edges. The draws' rows are in order, so each run
-      // of equal rows is listed once, by its first draw, with the run's length.
+      const float top = rows > 0 ? edge[rows - 1] : 0.f;
+      // The task's draws [lo, hi), a lane each: its row by binary search over the tile's edges. The
+      // draws' rows are in order, so each run of equal rows is listed once, by its first draw, with
+      // the run's length.
+      // (the same in every lane; through shuffles the compiler spills less: NOTES v85)
       const int lo = __shfl_sync(0xffffffffu, d.lo, 0), hi = __reduce_max_sync(0xffffffffu, d.hi);
-      int first[Q];
-#pragma unroll
-      for (int s = 1; s < Q; ++s) first[s] = __shfl_sync(0xffffffffu, d.hi > d.lo ? d.lo : S, s * part_lanes);
       const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
-      // (part tasks: the head's, which lanes without a part do not hold; tile tasks: the warp's)
-      const double mass = Q == 1 ? d.mass : z_sm[g];
-      const double U = Q == 1 ? d.U : u_sm[g];
+      const int pos0 = tile * SANTA_TILE;
       int n = 0, prev = -1;
       for (int j0 = lo; j0 < hi; j0 += 32) {
         const int j = j0 + lane;
-        int sj = 0;
-#pragma unroll
-        for (int s = 1; s < Q; ++s) sj += j >= first[s];
-        const int src = sj * part_lanes;
-        const double base = Q == 1 ? d.base : __shfl_sync(0xffffffffu, d.base, src);
-        const float top = Q == 1 ? last : __shfl_sync(0xffffffffu, last, src);
-        const float to_part = Q == 1 ? 1.f : __shfl_sync(0xffffffffu, d.ref, src);   // part_at[..].y
-        const int pos0 = (Q == 1 ? part : __shfl_sync(0xffffffffu, part, src)) * part_rows;
         int key = -1, r = 0;
         if (j < hi) {
           double u;
           if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
           else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
-          else u = ((double)j + U) * inv_s;
-          const float x = fminf(fmaxf((float)(u * mass - base) * to_part, 0.f), top);
+          else u = ((double)j + d.U) * inv_s;
+          const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), top);
           // the first row whose edge passes x or, at the total, reaches it (x <= top, so one test);
           // the +inf past the rows keeps the search within them
-          const float* pe = edge + sj * part_rows;
 #pragma unroll
-          for (int step = part_rows / 2; step > 0; step >>= 1) {
-            const float ed = pe[r + step - 1];
+          for (int step = SANTA_TILE / 2; step > 0; step >>= 1) {
+            const float ed = edge[r + step - 1];
             if (!(ed > x || ed >= top)) r += step;
           }
-          key = sj * part_rows + r;
+          key = r;
           if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + pos0 + r, 1);
         }
         const int up = __shfl_up_sync(0xffffffffu, key, 1);
@@ -1134,11 +1119,9 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         __syncwarp();
       }
       // the previous task's first rows have arrived during this task's scan
-      if constexpr (Q == 1) {
-        accumulate(pf, pw);
-        gather(0, n, d.fac, pf, pw);
-      }
-      for (int e0 = Q == 1 ? GB : 0; e0 < n; e0 += GB) {  // the rest: gathered now
+      accumulate(pf, pw);
+      gather(0, n, d.fac, pf, pw);
+      for (int e0 = GB; e0 < n; e0 += GB) {  // the rest: gathered now
         u32 f[GB][Row::WORDS];
         float wu[GB];
         gather(e0, n, d.fac, f, wu);
@@ -1162,42 +1145,104 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         task(t, min(SANTA_TILE, len - t * SANTA_TILE), s0, s1, d);
       }
     } else {
-      // The next task, one ahead: up to Q parts of [cur, we) with draws, in order; this lane's part
-      // (-1: none) and its stash in flight. Returns the task's part count.
-      const unsigned short* bg = bnd + min(g, G - 1) * (np + 1) - p0;   // bg[p]: head g's draws before part p
-      const int we = p0 + ((np * (wtile + 1)) >> lwt);
-      int cur = p0 + ((np * wtile) >> lwt), npart = -1;
+      // Part draws: the head's draws of this block, [bg[0], bg[np]) in order, an even share per
+      // warp of the head, in rounds of 32, a lane each. A draw's part is the last whose first draw
+      // it reaches (bg). The round's distinct parts are read 4 at a time, 8 lanes per part (one
+      // coalesced 256-byte read; the next 4 in flight meanwhile), into the warp's edge buffer, where
+      // each draw of those parts finds its row by binary search as tile tasks do.
+      const int gc = min(g, G - 1);
+      const unsigned short* bg = bnd + gc * (np + 1);     // bg[k]: head g's draws before part p0 + k
+      const int lo = bg[0], per = (bg[np] - lo + wt - 1) >> lwt;
+      const int w0 = lo + wtile * per, w1 = g < G ? min((int)bg[np], w0 + per) : w0;
+      const int top_step = np > 1 ? 1 << (31 - __clz(np - 1)) : 0;
+      const double mass = z_sm[gc], U = u_sm[gc], inv_s = 1.0 / S;
       const float fac = 1.f / S;
-      auto next_task = [&]() {
-        int got = 0;
-        __syncwarp();                           // the last task's parts are read
-        while (g < G && got < Q && cur < we) {
-          const int p = cur + lane;
-          const bool has = p < we && bg[p + 1] > bg[p];
-          const unsigned m = __ballot_sync(0xffffffffu, has);
-          const int rank = __popc(m & ((1u << lane) - 1u)), take = min(Q - got, __popc(m));
-          if (has && rank < take) task_sm[got + rank] = p;
-          const unsigned rest = __ballot_sync(0xffffffffu, has && rank == take);
-          cur = rest ? cur + __ffs(rest) - 1 : cur + 32;
-          got += take;
+      int* slot = list_c;                  // lane of the round's n-th distinct part (free until listed)
+      for (int j0 = w0; j0 < w1; j0 += 32) {
+        const int j = j0 + lane;
+        const bool valid = j < w1;
+        int k = 0;
+        float xr = 0.f;                    // the draw's position on its part's scale (unclamped)
+        if (valid) {
+          for (int step = top_step; step > 0; step >>= 1)
+            if (k + step < np && bg[k + step] <= j) k += step;
+          const float2 at = part_at[g * np + k];
+          const double base = tile_at[g * nt + (p0 + k) / Q - t0] + (double)at.x;
+          double u;
+          if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
+          else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
+          else u = ((double)j + U) * inv_s;
+          xr = (float)(u * mass - base) * at.y;
+        }
+        const int kup = __shfl_up_sync(0xffffffffu, k, 1);
+        const unsigned starts = __ballot_sync(0xffffffffu, valid && (lane == 0 || k != kup));
+        const int nr = __popc(starts), rank = __popc(starts & (0xffffffffu >> (31 - lane))) - 1;
+        if ((starts >> lane) & 1u) slot[rank] = lane;
+        __syncwarp();
+        // this lane's share (8 rows) of the round's part 4 q + lane / 8, and its row count
+        auto fetch = [&](int q, float4& a0, float4& a1, int& rows) {
+          const int n = 4 * q + (lane >> 3);
+          const int kq = __shfl_sync(0xffffffffu, k, n < nr ? slot[n] : 0);
+          rows = n < nr ? min(part_rows, len - (p0 + kq) * part_rows) : 0;
+          if (rows > 0) load_stash(p0 + kq, a0, a1);
+        };
+        float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
+        int nrows;
+        fetch(0, n0, n1, nrows);
+        int key = -1;                      // the row of draw j0 + lane
+        for (int q = 0; 4 * q < nr; ++q) {
+          float e[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
+          const int rows = nrows;
+          if (4 * q + 4 < nr) fetch(q + 1, n0, n1, nrows);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (sl * 8 + i >= rows) e[i] = -NEG_INF;
+          reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
+          reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
+          __syncwarp();
+          if (valid && rank >> 2 == q) {
+            const float* pe = edge + (rank & 3) * part_rows;
+            const int p = p0 + k, prow = min(part_rows, len - p * part_rows);
+            const float top = pe[prow - 1];        // the part's total
+            const float x = fminf(fmaxf(xr, 0.f), top);
+            // the first row whose edge passes x or, at the total, reaches it
+            int r = 0;
+#pragma unroll
+            for (int step = part_rows / 2; step > 0; step >>= 1) {
+              const float ed = pe[r + step - 1];
+              if (!(ed > x || ed >= top)) r += step;
+            }
+            key = p * part_rows + r;
+            if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + key, 1);
+          }
+          __syncwarp();
+        }
+        // each run of equal rows listed once, by its first draw, with the run's length
+        const int up = __shfl_up_sync(0xffffffffu, key, 1);
+        const bool head = key >= 0 && (lane == 0 || key != up);
+        const unsigned heads = __ballot_sync(0xffffffffu, head);
+        if (head) {
+          const unsigned later = heads & (0xfffffffeu << lane);
+          const int at = __popc(heads & ((1u << lane) - 1u));
+          u32 unit = v_unit0 + (u32)key * (u32)cache.kv_heads;
+          if (cache.page_table) {
+            const long long o = cache.row(b, key, kvh, D);
+            unit = o < 0 ? NO_ROW : (u32)(o / D);
+          }
+          list_u[at] = unit;
+          list_c[at] = (later ? __ffs(later) - 1 : min(32, w1 - j0)) - lane;
         }
         __syncwarp();
-        npart = seg < got ? task_sm[seg] : -1;
-        if (npart >= 0) load_stash(npart, n0, n1);
-        return got;
-      };
-      for (int got = next_task(); got > 0;) {
-        const int part = npart;
-        const float4 s0 = n0, s1 = n1;
-        got = next_task();
-        TileDraws d{0.0, 0.0, 0.0, NEG_INF, fac, 0, 0};
-        if (part >= 0) {
-          d.lo = bg[part]; d.hi = bg[part + 1];
-          const float2 at = part_at[g * np + part - p0];
-          d.base = tile_at[g * nt + part / Q - t0] + (double)at.x;
-          d.mass = z_sm[g]; d.U = u_sm[g]; d.ref = at.y;
+        const int n = __popc(heads);
+        for (int e0 = 0; e0 < n; e0 += VALUE_PART_BATCHES * GB) {   // batches in flight together
+          u32 f[VALUE_PART_BATCHES][GB][Row::WORDS];
+          float wu[VALUE_PART_BATCHES][GB];
+#pragma unroll
+          for (int i = 0; i < VALUE_PART_BATCHES; ++i) gather(e0 + i * GB, n, fac, f[i], wu[i]);
+#pragma unroll
+          for (int i = 0; i < VALUE_PART_BATCHES; ++i) accumulate(f[i], wu[i]);
         }
-        task(part, part >= 0 ? min(part_rows, len - part * part_rows) : 0, s0, s1, d);
+        __syncwarp();
       }
     }
     if constexpr (Q == 1) accumulate(pf, pw);

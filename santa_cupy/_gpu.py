@@ -310,11 +310,11 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
 
 
 def _value_task_parts(stat_parts, scheme, samples, geo):
-    """Statistics parts per pass-2 task: 1 (a whole tile per task), or STAT_PARTS (a task packs up
-    to that many 64-row parts that receive draws) where draws are sparse: at most one per 8 parts,
-    or one per 2 parts with at least 32 (sequence, KV head) pairs. Measured on an H200 (bench/NOTES.md,
-    version 46): packing parts halves the tasks at one draw per 2 parts, but a part task costs
-    more, which a latency-bound pass 2 (few pairs) does not win back."""
+    """Statistics parts per pass-2 task: 1 (tile tasks: a warp scans each whole tile that receives
+    draws), or STAT_PARTS (part draws: pass 1 stashes each 64-row part's CDF, and pass 2 reads only
+    the parts its draws land in) where draws are sparse: at most one per 8 parts, or one per 2
+    parts with at least 32 (sequence, KV head) pairs. Measured on an H200 (bench/NOTES.md, versions
+    46 and 85): where draws are denser or pairs fewer, tile tasks stay faster."""
     if stat_parts != STAT_PARTS or scheme == "tile":
         return 1
     draws_per_part = samples / -(-geo.capacity // (TILE // STAT_PARTS))
