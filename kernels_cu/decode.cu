@@ -1157,7 +1157,23 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       const int top_step = np > 1 ? 1 << (31 - __clz(np - 1)) : 0;
       const double mass = z_sm[gc], U = u_sm[gc], inv_s = 1.0 / S;
       const float fac = 1.f / S;
-      int* slot = list_c;                  // lane of the round's n-th distinct part (free until listed)
+      // The drawn rows of the warp's rounds share one list (a run of draws across rounds is one
+      // entry), gathered when the next round might not fit, and at the end.
+      constexpr int LIST = SANTA_TILE - 32;
+      int* slot = reinterpret_cast<int*>(list_u + LIST);   // lane of the round's n-th distinct part
+      int n = 0, prev = -1;
+      auto gather_list = [&]() {
+        for (int e0 = 0; e0 < n; e0 += VALUE_PART_BATCHES * GB) {   // batches in flight together
+          u32 f[VALUE_PART_BATCHES][GB][Row::WORDS];
+          float wu[VALUE_PART_BATCHES][GB];
+#pragma unroll
+          for (int i = 0; i < VALUE_PART_BATCHES; ++i) gather(e0 + i * GB, n, fac, f[i], wu[i]);
+#pragma unroll
+          for (int i = 0; i < VALUE_PART_BATCHES; ++i) accumulate(f[i], wu[i]);
+        }
+        n = 0; prev = -1;
+        __syncwarp();
+      };
       for (int j0 = w0; j0 < w1; j0 += 32) {
         const int j = j0 + lane;
         const bool valid = j < w1;
@@ -1217,33 +1233,31 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
           }
           __syncwarp();
         }
-        // each run of equal rows listed once, by its first draw, with the run's length
+        if (n > LIST - 32) gather_list();
+        // each run of equal rows listed once, by its first draw, with the run's length; the lanes
+        // before the round's first run continue the list's last
         const int up = __shfl_up_sync(0xffffffffu, key, 1);
-        const bool head = key >= 0 && (lane == 0 || key != up);
+        const bool head = key >= 0 && key != (lane == 0 ? prev : up);
         const unsigned heads = __ballot_sync(0xffffffffu, head);
+        const int live = min(32, w1 - j0);
         if (head) {
           const unsigned later = heads & (0xfffffffeu << lane);
-          const int at = __popc(heads & ((1u << lane) - 1u));
+          const int at = n + __popc(heads & ((1u << lane) - 1u));
           u32 unit = v_unit0 + (u32)key * (u32)cache.kv_heads;
           if (cache.page_table) {
             const long long o = cache.row(b, key, kvh, D);
             unit = o < 0 ? NO_ROW : (u32)(o / D);
           }
           list_u[at] = unit;
-          list_c[at] = (later ? __ffs(later) - 1 : min(32, w1 - j0)) - lane;
+          list_c[at] = (later ? __ffs(later) - 1 : live) - lane;
         }
-        __syncwarp();
-        const int n = __popc(heads);
-        for (int e0 = 0; e0 < n; e0 += VALUE_PART_BATCHES * GB) {   // batches in flight together
-          u32 f[VALUE_PART_BATCHES][GB][Row::WORDS];
-          float wu[VALUE_PART_BATCHES][GB];
-#pragma unroll
-          for (int i = 0; i < VALUE_PART_BATCHES; ++i) gather(e0 + i * GB, n, fac, f[i], wu[i]);
-#pragma unroll
-          for (int i = 0; i < VALUE_PART_BATCHES; ++i) accumulate(f[i], wu[i]);
-        }
+        const int carried = heads ? __ffs(heads) - 1 : live;
+        if (lane == 0 && carried > 0 && n > 0) list_c[n - 1] += carried;
+        n += __popc(heads);
+        prev = __shfl_sync(0xffffffffu, key, 31);
         __syncwarp();
       }
+      gather_list();
     }
     if constexpr (Q == 1) accumulate(pf, pw);
     // the block's sum for heads g0 .., warps in a fixed order
