@@ -807,6 +807,29 @@ struct TileDraws {
   int lo, hi;
 };
 
+// A lane's 8 CDF edges, rows first .. first + 7, into the warp's edge buffer at `at`: +inf from
+// row `rows` on, which keeps search_edges within the rows.
+__device__ __forceinline__ void store_edges(float* at, float (&e)[8], int first, int rows) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (first + i >= rows) e[i] = -NEG_INF;
+  reinterpret_cast<float4*>(at)[0] = make_float4(e[0], e[1], e[2], e[3]);
+  reinterpret_cast<float4*>(at)[1] = make_float4(e[4], e[5], e[6], e[7]);
+}
+
+// The first of N CDF edges that passes x or, at the total `top`, reaches it (x <= top, so one
+// test): the row a draw at x lands in.
+template <int N>
+__device__ __forceinline__ int search_edges(const float* edge, float x, float top) {
+  int r = 0;
+#pragma unroll
+  for (int step = N / 2; step > 0; step >>= 1) {
+    const float ed = edge[r + step - 1];
+    if (!(ed > x || ed >= top)) r += step;
+  }
+  return r;
+}
+
 // The E = D / 32 elements [lane E, lane E + E) of a cache row: loaded as WORDS raw 32-bit words
 // (what a load in flight holds in registers), then unpacked to float.
 template <typename T, int D> struct RowSlice {
@@ -1061,12 +1084,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       const float before = warp_inclusive_scan(run, 32) - run;
 #pragma unroll
       for (int i = 0; i < 8; ++i) e[i] += before;
-      if (ends)
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          if (sl * 8 + i >= rows) e[i] = -NEG_INF;
-      reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
-      reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
+      store_edges(edge + 8 * lane, e, sl * 8, rows);
       __syncwarp();
       const float top = rows > 0 ? edge[rows - 1] : 0.f;
       // The task's draws [lo, hi), a lane each: its row by binary search over the tile's edges. The
@@ -1085,14 +1103,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
           if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
           else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
           else u = ((double)j + d.U) * inv_s;
-          const float x = fminf(fmaxf((float)(u * d.mass - d.base), 0.f), top);
-          // the first row whose edge passes x or, at the total, reaches it (x <= top, so one test);
-          // the +inf past the rows keeps the search within them
-#pragma unroll
-          for (int step = SANTA_TILE / 2; step > 0; step >>= 1) {
-            const float ed = edge[r + step - 1];
-            if (!(ed > x || ed >= top)) r += step;
-          }
+          r = search_edges<SANTA_TILE>(edge, fminf(fmaxf((float)(u * d.mass - d.base), 0.f), top), top);
           key = r;
           if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + pos0 + r, 1);
         }
@@ -1210,25 +1221,13 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
           float e[8] = {n0.x, n0.y, n0.z, n0.w, n1.x, n1.y, n1.z, n1.w};
           const int rows = nrows;
           if (4 * q + 4 < nr) fetch(q + 1, n0, n1, nrows);
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (sl * 8 + i >= rows) e[i] = -NEG_INF;
-          reinterpret_cast<float4*>(edge)[2 * lane] = make_float4(e[0], e[1], e[2], e[3]);
-          reinterpret_cast<float4*>(edge)[2 * lane + 1] = make_float4(e[4], e[5], e[6], e[7]);
+          store_edges(edge + 8 * lane, e, sl * 8, rows);
           __syncwarp();
           if (valid && rank >> 2 == q) {
             const float* pe = edge + (rank & 3) * part_rows;
             const int p = p0 + k, prow = min(part_rows, len - p * part_rows);
             const float top = pe[prow - 1];        // the part's total
-            const float x = fminf(fmaxf(xr, 0.f), top);
-            // the first row whose edge passes x or, at the total, reaches it
-            int r = 0;
-#pragma unroll
-            for (int step = part_rows / 2; step > 0; step >>= 1) {
-              const float ed = pe[r + step - 1];
-              if (!(ed > x || ed >= top)) r += step;
-            }
-            key = p * part_rows + r;
+            key = p * part_rows + search_edges<part_rows>(pe, fminf(fmaxf(xr, 0.f), top), top);
             if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + key, 1);
           }
           __syncwarp();
