@@ -71,6 +71,12 @@ def _pipelined(dtype):
     return dtype.itemsize == 2
 
 
+def _stat_parts(dtype, key_draws):
+    """Statistics parts per tile that pass 1 writes: STAT_PARTS where it runs the per-warp pipeline
+    on a standard cache, else 1 (per tile)."""
+    return STAT_PARTS if key_draws is None and _pipelined(dtype) else 1
+
+
 def _chunk_bytes(dtype, dim):
     return CHUNK_ROWS * dim * dtype.itemsize
 
@@ -281,7 +287,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
     keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
     n_pow2 = 1 << max(0, (samples - 1).bit_length())
     sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
-    if key_draws is None and _pipelined(q.dtype):
+    if _stat_parts(q.dtype, key_draws) > 1:
         smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * SCORE_PIPE_CHUNKS * _chunk_bytes(q.dtype, D), sort_bytes)
         name = "santa_part_scores" if part_cdf else "santa_scores"
         kern, threads = _launch(name, dt, D, smem, max_shared=True), 32 * SCORE_PIPE_WARPS
@@ -330,8 +336,7 @@ def decode(q, k, v, kv_lens, page_table, geo, scale, samples, scheme, seed, out,
     dt, D = q.dtype.name, geo.dim
     B, H, G = geo.batch, geo.q_heads, geo.group
     cache = _cache_args(k, kv_lens, page_table, geo)
-    stat_parts = STAT_PARTS if key_draws is None and _pipelined(q.dtype) else 1
-    task_parts = _value_task_parts(stat_parts, scheme, samples, geo)
+    task_parts = _value_task_parts(_stat_parts(q.dtype, key_draws), scheme, samples, geo)
     # everything is prepared before the first launch, so the two kernels run back to back
     launch1, buf = _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publish=True,
                                part_cdf=task_parts > 1)
