@@ -1052,6 +1052,31 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], x[k], acc[k]);
       }
     };
+    // A round's drawn rows (row: this lane's, -1 for none; in order across the round) into the
+    // list of n entries (at most cap): each run of equal rows once, by its first lane, with the
+    // run's length; the lanes before the round's first run continue the list's last entry (prev:
+    // its row). live: the round's draws.
+    auto list_round = [&](int row, int live, int cap, int& n, int& prev) {
+      const int up = __shfl_up_sync(0xffffffffu, row, 1);
+      const bool head = row >= 0 && row != (lane == 0 ? prev : up);
+      const unsigned heads = __ballot_sync(0xffffffffu, head);
+      const unsigned later = heads & (0xfffffffeu << lane);
+      const int at = n + __popc(heads & ((1u << lane) - 1u));
+      if (head && at < cap) {
+        u32 unit = v_unit0 + (u32)row * (u32)cache.kv_heads;
+        if (cache.page_table) {
+          const long long o = cache.row(b, row, kvh, D);
+          unit = o < 0 ? NO_ROW : (u32)(o / D);
+        }
+        list_u[at] = unit;
+        list_c[at] = (later ? __ffs(later) - 1 : live) - lane;
+      }
+      const int carried = heads ? __ffs(heads) - 1 : live;
+      if (lane == 0 && carried > 0 && n > 0) list_c[n - 1] += carried;
+      n = min(cap, n + __popc(heads));
+      prev = __shfl_sync(0xffffffffu, row, 31);
+      __syncwarp();
+    };
     // Tile tasks: the first batch of a task's rows stays in flight while the warp scans its next
     // task.
     u32 pf[GB][Row::WORDS];
@@ -1087,9 +1112,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       store_edges(edge + 8 * lane, e, sl * 8, rows);
       __syncwarp();
       const float top = rows > 0 ? edge[rows - 1] : 0.f;
-      // The task's draws [lo, hi), a lane each: its row by binary search over the tile's edges. The
-      // draws' rows are in order, so each run of equal rows is listed once, by its first draw, with
-      // the run's length.
+      // The task's draws [lo, hi), a lane each: its row by binary search over the tile's edges.
       // (the same in every lane; through shuffles the compiler spills less: NOTES v85)
       const int lo = __shfl_sync(0xffffffffu, d.lo, 0), hi = __reduce_max_sync(0xffffffffu, d.hi);
       const double inv_s = 1.0 / (scheme == SCHEME_TILE ? budget : S);
@@ -1097,37 +1120,16 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       int n = 0, prev = -1;
       for (int j0 = lo; j0 < hi; j0 += 32) {
         const int j = j0 + lane;
-        int key = -1, r = 0;
+        int key = -1;                      // the draw's row
         if (j < hi) {
           double u;
           if (scheme == SCHEME_IID) u = __ldcg(plan_pos + (bh0 + g) * S + j);
           else if (scheme == SCHEME_STRATIFIED) u = ((double)j + st.uniform(b, kvh * G + g, PURPOSE_VALUES, off, j)) * inv_s;
           else u = ((double)j + d.U) * inv_s;
-          r = search_edges<SANTA_TILE>(edge, fminf(fmaxf((float)(u * d.mass - d.base), 0.f), top), top);
-          key = r;
-          if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + pos0 + r, 1);
+          key = pos0 + search_edges<SANTA_TILE>(edge, fminf(fmaxf((float)(u * d.mass - d.base), 0.f), top), top);
+          if (counts_out) atomicAdd(counts_out + (bh0 + g) * capacity + key, 1);
         }
-        const int up = __shfl_up_sync(0xffffffffu, key, 1);
-        const bool head = key >= 0 && key != (lane == 0 ? prev : up);
-        const unsigned heads = __ballot_sync(0xffffffffu, head);
-        const unsigned later = heads & (0xfffffffeu << lane);
-        const int live = min(32, hi - j0);
-        const int at = n + __popc(heads & ((1u << lane) - 1u));
-        if (head && at < SANTA_TILE) {
-          u32 unit = v_unit0 + (u32)(pos0 + r) * (u32)cache.kv_heads;
-          if (cache.page_table) {
-            const long long o = cache.row(b, pos0 + r, kvh, D);
-            unit = o < 0 ? NO_ROW : (u32)(o / D);
-          }
-          list_u[at] = unit;
-          list_c[at] = (later ? __ffs(later) - 1 : live) - lane;
-        }
-        // the lanes before the first head continue the previous round's last run
-        const int carried = heads ? __ffs(heads) - 1 : live;
-        if (lane == 0 && carried > 0 && n > 0) list_c[n - 1] += carried;
-        n = min(SANTA_TILE, n + __popc(heads));
-        prev = __shfl_sync(0xffffffffu, key, 31);
-        __syncwarp();
+        list_round(key, min(32, hi - j0), SANTA_TILE, n, prev);
       }
       // the previous task's first rows have arrived during this task's scan
       accumulate(pf, pw);
@@ -1208,9 +1210,9 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         __syncwarp();
         // this lane's share (8 rows) of the round's part 4 q + lane / 8, and its row count
         auto fetch = [&](int q, float4& a0, float4& a1, int& rows) {
-          const int n = 4 * q + (lane >> 3);
-          const int kq = __shfl_sync(0xffffffffu, k, n < nr ? slot[n] : 0);
-          rows = n < nr ? min(part_rows, len - (p0 + kq) * part_rows) : 0;
+          const int i = 4 * q + (lane >> 3);
+          const int kq = __shfl_sync(0xffffffffu, k, i < nr ? slot[i] : 0);
+          rows = i < nr ? min(part_rows, len - (p0 + kq) * part_rows) : 0;
           if (rows > 0) load_stash(p0 + kq, a0, a1);
         };
         float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
@@ -1233,28 +1235,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
           __syncwarp();
         }
         if (n > LIST - 32) gather_list();
-        // each run of equal rows listed once, by its first draw, with the run's length; the lanes
-        // before the round's first run continue the list's last
-        const int up = __shfl_up_sync(0xffffffffu, key, 1);
-        const bool head = key >= 0 && key != (lane == 0 ? prev : up);
-        const unsigned heads = __ballot_sync(0xffffffffu, head);
-        const int live = min(32, w1 - j0);
-        if (head) {
-          const unsigned later = heads & (0xfffffffeu << lane);
-          const int at = n + __popc(heads & ((1u << lane) - 1u));
-          u32 unit = v_unit0 + (u32)key * (u32)cache.kv_heads;
-          if (cache.page_table) {
-            const long long o = cache.row(b, key, kvh, D);
-            unit = o < 0 ? NO_ROW : (u32)(o / D);
-          }
-          list_u[at] = unit;
-          list_c[at] = (later ? __ffs(later) - 1 : live) - lane;
-        }
-        const int carried = heads ? __ffs(heads) - 1 : live;
-        if (lane == 0 && carried > 0 && n > 0) list_c[n - 1] += carried;
-        n += __popc(heads);
-        prev = __shfl_sync(0xffffffffu, key, 31);
-        __syncwarp();
+        list_round(key, min(32, w1 - j0), LIST, n, prev);
       }
       gather_list();
     }
