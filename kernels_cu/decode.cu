@@ -868,9 +868,6 @@ template <typename T, int D> struct RowSlice {
 #ifndef VALUE_BLOCKS_PER_SM       // register budget: 65536 / (VALUE_BLOCKS_PER_SM x SANTA_THREADS)
 #define VALUE_BLOCKS_PER_SM 4
 #endif
-#ifndef VALUE_PART_BATCHES        // part draws: gather batches in flight together
-#define VALUE_PART_BATCHES 2
-#endif
 #ifndef VALUE_GATHER_FLOATS       // registers a lane gives to V rows in flight
 #define VALUE_GATHER_FLOATS 16
 #endif
@@ -1176,13 +1173,12 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       int* slot = reinterpret_cast<int*>(list_u + LIST);   // lane of the round's n-th distinct part
       int n = 0, prev = -1;
       auto gather_list = [&]() {
-        for (int e0 = 0; e0 < n; e0 += VALUE_PART_BATCHES * GB) {   // batches in flight together
-          u32 f[VALUE_PART_BATCHES][GB][Row::WORDS];
-          float wu[VALUE_PART_BATCHES][GB];
-#pragma unroll
-          for (int i = 0; i < VALUE_PART_BATCHES; ++i) gather(e0 + i * GB, n, fac, f[i], wu[i]);
-#pragma unroll
-          for (int i = 0; i < VALUE_PART_BATCHES; ++i) accumulate(f[i], wu[i]);
+        // One batch in flight: two or more spill more and were slower (bench/NOTES.md, version 87).
+        for (int e0 = 0; e0 < n; e0 += GB) {
+          u32 f[GB][Row::WORDS];
+          float wu[GB];
+          gather(e0, n, fac, f, wu);
+          accumulate(f, wu);
         }
         n = 0; prev = -1;
         __syncwarp();
