@@ -868,8 +868,8 @@ template <typename T, int D> struct RowSlice {
 #ifndef VALUE_BLOCKS_PER_SM       // register budget: 65536 / (VALUE_BLOCKS_PER_SM x SANTA_THREADS)
 #define VALUE_BLOCKS_PER_SM 4
 #endif
-#ifndef VALUE_GATHER_FLOATS       // registers a lane gives to V rows in flight
-#define VALUE_GATHER_FLOATS 16
+#ifndef VALUE_GATHER_FLOATS       // registers a lane gives to V rows in flight (8: fewer spills
+#define VALUE_GATHER_FLOATS 8     // in tile tasks and as fast or faster than 16: NOTES version 88)
 #endif
 
 // Pass 2: warps work independently. santa_values: one (tile, head) with draws at a time; the warp
