@@ -1049,6 +1049,16 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
         for (int k = 0; k < E; ++k) acc[k] = fmaf(wu[u], x[k], acc[k]);
       }
     };
+    // gathers and adds the list's entries [from, n), one batch of GB rows in flight (two or more
+    // batches spilled and were slower: bench/NOTES.md, version 87)
+    auto gather_rest = [&](int from, int n, float fac) {
+      for (int e0 = from; e0 < n; e0 += GB) {
+        u32 f[GB][Row::WORDS];
+        float wu[GB];
+        gather(e0, n, fac, f, wu);
+        accumulate(f, wu);
+      }
+    };
     // A round's drawn rows (row: this lane's, -1 for none; in order across the round) into the
     // list of n entries (at most cap): each run of equal rows once, by its first lane, with the
     // run's length; the lanes before the round's first run continue the list's last entry (prev:
@@ -1131,12 +1141,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       // the previous task's first rows have arrived during this task's scan
       accumulate(pf, pw);
       gather(0, n, d.fac, pf, pw);
-      for (int e0 = GB; e0 < n; e0 += GB) {  // the rest: gathered now
-        u32 f[GB][Row::WORDS];
-        float wu[GB];
-        gather(e0, n, d.fac, f, wu);
-        accumulate(f, wu);
-      }
+      gather_rest(GB, n, d.fac);         // the rest: gathered now
       __syncwarp();
     };
     float4 n0 = make_float4(0.f, 0.f, 0.f, 0.f), n1 = n0;
@@ -1173,13 +1178,7 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       int* slot = reinterpret_cast<int*>(list_u + LIST);   // lane of the round's n-th distinct part
       int n = 0, prev = -1;
       auto gather_list = [&]() {
-        // One batch in flight: two or more spill more and were slower (bench/NOTES.md, version 87).
-        for (int e0 = 0; e0 < n; e0 += GB) {
-          u32 f[GB][Row::WORDS];
-          float wu[GB];
-          gather(e0, n, fac, f, wu);
-          accumulate(f, wu);
-        }
+        gather_rest(0, n, fac);
         n = 0; prev = -1;
         __syncwarp();
       };
