@@ -296,5 +296,5 @@ __global__ void __launch_bounds__(SANTA_THREADS) key_scores(
   cp_async_wait<0>();
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S, st, plan_M, plan_Z, plan_P, plan_pos,
-                plan_off, ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
+                plan_off, ready ? ready + b * kv_heads + kvh : nullptr);
 }

@@ -678,7 +678,7 @@ __device__ __forceinline__ void scores_body_pipelined(
   if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
   build_plan<STAT_PARTS>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
                          Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
-                         ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
+                         ready ? ready + b * kv_heads + kvh : nullptr);
 }
 
 // Pass 1 on a float32 cache: block-wide stages, scores on CUDA cores through shared memory.
@@ -744,7 +744,7 @@ __device__ __forceinline__ void scores_body(
 
   build_plan<1>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
                 Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
-                ready ? ready + b * kv_heads + kvh : nullptr, smem_raw);
+                ready ? ready + b * kv_heads + kvh : nullptr);
 }
 
 // 16-bit caches run the per-warp pipelines (SCORE_PIPE_WARPS x 32 threads per block, statistics

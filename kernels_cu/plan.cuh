@@ -42,28 +42,75 @@ __device__ __forceinline__ void load_parts(const float* x, int t, int valid, flo
   for (int j = 0; j < PARTS; ++j) v[j] = p0 + j < valid ? v[j] : fill;
 }
 
-// iid: each head's S draw positions, sorted (bitonic, in shared memory u_sm).
+// iid: each head's S draw positions, sorted, a few heads at a time (12 S bytes of the dynamic
+// shared memory each: the positions, then a bucket counter per position). A counting sort on
+// their leading bits: the positions are uniform, so each of a head's S buckets receives about
+// one, and each position's rank within its bucket is a count over those few. Each position is
+// drawn twice (to count it, then to place it), which takes less shared memory than keeping the
+// unsorted ones.
 __device__ __forceinline__ void sort_positions(int b, int kvh, long long bh0, int G, int S, const Stream& st, u32 off,
-                                               double* plan_pos, double* u_sm) {
-  int N = 1;
-  while (N < S) N <<= 1;
-  for (int g = 0; g < G; ++g) {
-    const int h = kvh * G + g;
-    __syncthreads();
-    for (int i = threadIdx.x; i < N; i += blockDim.x) u_sm[i] = i < S ? st.uniform(b, h, PURPOSE_VALUES, off, i) : 2.0;
-    __syncthreads();
-    for (int kk = 2; kk <= N; kk <<= 1)
-      for (int j = kk >> 1; j > 0; j >>= 1) {
-        for (int i = threadIdx.x; i < N; i += blockDim.x) {
-          int ixj = i ^ j;
-          if (ixj > i) {
-            double x = u_sm[i], y = u_sm[ixj];
-            if ((x > y) == ((i & kk) == 0)) { u_sm[i] = y; u_sm[ixj] = x; }
-          }
+                                               double* plan_pos) {
+  // the kernel's dynamic shared memory, named here so that its accesses are shared-memory ones
+  // (build_plan is not inlined, so a pointer passed in would be generic)
+  extern __shared__ __align__(128) char smem_raw[];
+  double* u_sm = reinterpret_cast<double*>(smem_raw);
+  __shared__ int warp_sum[32];
+  u32 smem_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+  // heads at a time: batches of at most 1024 positions (larger ones sorted slower: bench/NOTES.md)
+  const int per = max(1, min(min(G, 1024 / S), (int)(smem_bytes / (12u * S))));
+  const int T = blockDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int g0 = 0; g0 < G; g0 += per) {
+    const int N = min(per, G - g0) * S;              // positions of heads g0 .., head-major
+    int* start = reinterpret_cast<int*>(u_sm + N);   // per bucket: its count, its first slot, its end
+    // f(bucket, u) for every position: bucket e S + (leading bits of u) of the e-th head; a
+    // Philox output holds two positions (S2 pairs per head)
+    const int S2 = (S + 1) / 2;
+    const auto each = [&](auto f) {
+#pragma unroll 1
+      for (int p = threadIdx.x; p < (N / S) * S2; p += T) {
+        const int e = p / S2, i = 2 * (p - e * S2);
+        const uint4 w = st.words(b, kvh * G + g0 + e, PURPOSE_VALUES, off, i >> 1);
+#pragma unroll 1
+        for (int j = 0; j < 2 && i + j < S; ++j) {
+          const double u = Stream::to_double(w, j);
+          f(e * S + min(S - 1, (int)(u * S)), u);
         }
-        __syncthreads();
       }
-    for (int i = threadIdx.x; i < S; i += blockDim.x) plan_pos[(bh0 + g) * S + i] = u_sm[i];
+    };
+    __syncthreads();                                 // the previous heads are written out
+    for (int i = threadIdx.x; i < N; i += T) start[i] = 0;
+    __syncthreads();
+    each([&](int k, double) { atomicAdd(start + k, 1); });
+    __syncthreads();
+    // counts -> first slots: each thread scans a run of buckets, the runs in thread order
+    const int run = (N + T - 1) / T, k0 = min(N, threadIdx.x * run), k1 = min(N, k0 + run);
+    int n = 0;
+    for (int k = k0; k < k1; ++k) n += start[k];
+    const int incl = warp_inclusive_scan(n);
+    if (lane == 31) warp_sum[warp] = incl;
+    __syncthreads();
+    int at = incl - n;
+    for (int w = 0; w < warp; ++w) at += warp_sum[w];
+    for (int k = k0; k < k1; ++k) {
+      const int c = start[k];
+      start[k] = at;
+      at += c;
+    }
+    __syncthreads();
+    each([&](int k, double u) { u_sm[atomicAdd(start + k, 1)] = u; });
+    __syncthreads();
+    // bucket k is now [start[k - 1], start[k]): each position goes to its rank in the sorted
+    // order, its bucket's start plus the number of its bucket's positions below it
+    double* pos = plan_pos + (bh0 + g0) * S;
+    for (int i = threadIdx.x; i < N; i += T) {
+      const double x = u_sm[i];
+      const int e = i / S, k = e * S + min(S - 1, (int)(x * S));
+      const int lo = k ? start[k - 1] : 0, hi = start[k];
+      int at = lo;
+      for (int j = lo; j < hi; ++j) at += u_sm[j] < x || (u_sm[j] == x && j < i);
+      pos[at] = x;
+    }
   }
 }
 
@@ -78,7 +125,7 @@ template <int PARTS>
 __device__ __noinline__ void build_plan(int b, int kvh, long long bh0, int G, int len, int tiles_max,
                            const float* stat_m, const float* stat_l, int scheme, int S, const Stream& st,
                            float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off,
-                           int* ready, char* smem_raw) {
+                           int* ready) {
   constexpr int K = PLAN_TILES, ROUND = 32 * PLAN_TILES;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int tiles = (len + SANTA_TILE - 1) / SANTA_TILE, valid = valid_parts(len, PARTS);
@@ -139,6 +186,6 @@ __device__ __noinline__ void build_plan(int b, int kvh, long long bh0, int G, in
     }
     if (lane == 0) { P[tiles] = carry; plan_Z[bh0 + g] = carry; plan_M[bh0 + g] = mx; }
   }
-  if (scheme == SCHEME_IID) sort_positions(b, kvh, bh0, G, S, st, off, plan_pos, reinterpret_cast<double*>(smem_raw));
+  if (scheme == SCHEME_IID) sort_positions(b, kvh, bh0, G, S, st, off, plan_pos);
   if (ready) publish(ready);
 }

@@ -285,8 +285,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
     counters = ws.get("santa_counters", 3 * pairs + 1, cupy.int32, zero=True)
     ready = counters[2 * pairs:3 * pairs] if publish else NULL
     keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
-    n_pow2 = 1 << max(0, (samples - 1).bit_length())
-    sort_bytes = 8 * n_pow2 if scheme == "iid" else 0
+    sort_bytes = 12 * samples if scheme == "iid" else 0      # kernels_cu/plan.cuh: sort_positions
     if _stat_parts(q.dtype, key_draws) > 1:
         smem = max(SCORE_PIPE_WARPS * SCORE_PIPE_STAGES * SCORE_PIPE_CHUNKS * _chunk_bytes(q.dtype, D), sort_bytes)
         name = "santa_part_scores" if part_cdf else "santa_scores"
