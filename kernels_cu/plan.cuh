@@ -42,6 +42,26 @@ __device__ __forceinline__ void load_parts(const float* x, int t, int valid, flo
   for (int j = 0; j < PARTS; ++j) v[j] = p0 + j < valid ? v[j] : fill;
 }
 
+// f(bucket, u) for each of the S positions u of the N / S query heads from kvh G + g0 of sequence
+// b: bucket e S + (leading bits of u) of the e-th of them. A Philox output holds two positions
+// (S2 pairs per head). A function, not a generic lambda, which NVRTC before CUDA 13 compiles as
+// host code.
+template <typename F>
+__device__ __forceinline__ void each_position(int b, int kvh, int G, int g0, int S, int N, int T, const Stream& st,
+                                              u32 off, F f) {
+  const int S2 = (S + 1) / 2;
+#pragma unroll 1
+  for (int p = threadIdx.x; p < (N / S) * S2; p += T) {
+    const int e = p / S2, i = 2 * (p - e * S2);
+    const uint4 w = st.words(b, kvh * G + g0 + e, PURPOSE_VALUES, off, i >> 1);
+#pragma unroll 1
+    for (int j = 0; j < 2 && i + j < S; ++j) {
+      const double u = Stream::to_double(w, j);
+      f(e * S + min(S - 1, (int)(u * S)), u);
+    }
+  }
+}
+
 // iid: each head's S draw positions, sorted, a few heads at a time (12 S bytes of the dynamic
 // shared memory each: the positions, then a bucket counter per position). A counting sort on
 // their leading bits: the positions are uniform, so each of a head's S buckets receives about
@@ -63,25 +83,10 @@ __device__ __forceinline__ void sort_positions(int b, int kvh, long long bh0, in
   for (int g0 = 0; g0 < G; g0 += per) {
     const int N = min(per, G - g0) * S;              // positions of heads g0 .., head-major
     int* start = reinterpret_cast<int*>(u_sm + N);   // per bucket: its count, its first slot, its end
-    // f(bucket, u) for every position: bucket e S + (leading bits of u) of the e-th head; a
-    // Philox output holds two positions (S2 pairs per head)
-    const int S2 = (S + 1) / 2;
-    const auto each = [&](auto f) {
-#pragma unroll 1
-      for (int p = threadIdx.x; p < (N / S) * S2; p += T) {
-        const int e = p / S2, i = 2 * (p - e * S2);
-        const uint4 w = st.words(b, kvh * G + g0 + e, PURPOSE_VALUES, off, i >> 1);
-#pragma unroll 1
-        for (int j = 0; j < 2 && i + j < S; ++j) {
-          const double u = Stream::to_double(w, j);
-          f(e * S + min(S - 1, (int)(u * S)), u);
-        }
-      }
-    };
     __syncthreads();                                 // the previous heads are written out
     for (int i = threadIdx.x; i < N; i += T) start[i] = 0;
     __syncthreads();
-    each([&](int k, double) { atomicAdd(start + k, 1); });
+    each_position(b, kvh, G, g0, S, N, T, st, off, [&](int k, double) { atomicAdd(start + k, 1); });
     __syncthreads();
     // counts -> first slots: each thread scans a run of buckets, the runs in thread order
     const int run = (N + T - 1) / T, k0 = min(N, threadIdx.x * run), k1 = min(N, k0 + run);
@@ -98,7 +103,7 @@ __device__ __forceinline__ void sort_positions(int b, int kvh, long long bh0, in
       at += c;
     }
     __syncthreads();
-    each([&](int k, double u) { u_sm[atomicAdd(start + k, 1)] = u; });
+    each_position(b, kvh, G, g0, S, N, T, st, off, [&](int k, double u) { u_sm[atomicAdd(start + k, 1)] = u; });
     __syncthreads();
     // bucket k is now [start[k - 1], start[k]): each position goes to its rank in the sorted
     // order, its bucket's start plus the number of its bucket's positions below it
