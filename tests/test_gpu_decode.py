@@ -122,6 +122,14 @@ def test_part_tasks_count_runs_of_draws_across_rounds(scheme, part_tasks):
     assert part_tasks[-1] > 1
 
 
+@pytest.mark.parametrize("samples", [300, 500])
+def test_iid_positions_sorted_a_few_heads_at_a_time(samples):
+    """The plan sorts iid positions in batches of at most 1024: heads 3 + 1 (S = 300) or 2 + 2
+    (S = 500) of a group of 4."""
+    p = problem(23, 2, 8, 2, 128, 3000, "bfloat16", lens=[3000, 1900])
+    _check_draws_and_output(p, samples, "iid", 29, "bfloat16")
+
+
 def test_counts_beyond_length_are_zero_and_tile_lengths_ragged():
     p = problem(3, 4, 8, 2, 128, 2000, "bfloat16", lens=[2000, 257, 256, 255], page_size=16)
     g = to_gpu(p)
