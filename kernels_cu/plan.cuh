@@ -42,8 +42,11 @@ __device__ __forceinline__ void load_parts(const float* x, int t, int valid, flo
   for (int j = 0; j < PARTS; ++j) v[j] = p0 + j < valid ? v[j] : fill;
 }
 
+// The counting sort's bucket of position u of the e-th head of a batch: e S + its leading bits.
+__device__ __forceinline__ int position_bucket(int e, int S, double u) { return e * S + min(S - 1, (int)(u * S)); }
+
 // f(bucket, u) for each of the S positions u of the N / S query heads from kvh G + g0 of sequence
-// b: bucket e S + (leading bits of u) of the e-th of them. A Philox output holds two positions
+// b (the e-th of them at bucket position_bucket(e, S, u)). A Philox output holds two positions
 // (S2 pairs per head). A function, not a generic lambda, which NVRTC before CUDA 13 compiles as
 // host code.
 template <typename F>
@@ -57,7 +60,7 @@ __device__ __forceinline__ void each_position(int b, int kvh, int G, int g0, int
 #pragma unroll 1
     for (int j = 0; j < 2 && i + j < S; ++j) {
       const double u = Stream::to_double(w, j);
-      f(e * S + min(S - 1, (int)(u * S)), u);
+      f(position_bucket(e, S, u), u);
     }
   }
 }
@@ -110,7 +113,7 @@ __device__ __forceinline__ void sort_positions(int b, int kvh, long long bh0, in
     double* pos = plan_pos + (bh0 + g0) * S;
     for (int i = threadIdx.x; i < N; i += T) {
       const double x = u_sm[i];
-      const int e = i / S, k = e * S + min(S - 1, (int)(x * S));
+      const int k = position_bucket(i / S, S, x);
       const int lo = k ? start[k - 1] : 0, hi = start[k];
       int at = lo;
       for (int j = lo; j < hi; ++j) at += u_sm[j] < x || (u_sm[j] == x && j < i);
