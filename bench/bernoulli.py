@@ -72,13 +72,13 @@ def run_config(cfg, timer, env, tail, bar):
     tokens = cfg.batch * cfg.n
     k_bytes = tokens * cfg.kv_heads * cfg.dim * item
     qo = report.qo_bytes(cfg.batch, cfg.q_heads, cfg.dim, item)
-    stash = report.STASH_BYTES_PER_SCORE * tokens * cfg.q_heads
+    scores = tokens * cfg.q_heads
     shape = (cfg.batch, cfg.q_heads, cfg.dim)
     rows, outs = [], {}
     for label, kind, draws, samples in tasks():
         bar.set_postfix_str(f"{cfg.name} {label}")
         row = dict(config=cfg.name, batch=cfg.batch, n=cfg.n, method=label, draws=draws, samples=samples,
-                   k_frac=1.0, v_frac=1.0, note=None, error=None, us=None)
+                   k_frac=1.0, v_frac=1.0, stash_bytes=0, note=None, error=None, us=None)
         if kind == "dense":
             if label == "flashinfer" and env["flashinfer"]:
                 cands = _flashinfer_candidates(inp, env["flashinfer"], env["workspace"])
@@ -88,6 +88,8 @@ def run_config(cfg, timer, env, tail, bar):
                 cands = _unavailable(f"{label} not importable")
             out = _measure(row, cands, timer, first_success=label == "sdpa")
         else:
+            if kind != "exact":         # a score pass first: its stash, read back whole by exact p V
+                row["stash_bytes"] = report.stash_bytes(scores, scores)
             try:
                 if draws:
                     _, feats, _ = sc.ternary_query(inp.q, draws, "stratified", seed=SEED, kv_heads=cfg.kv_heads)
@@ -95,12 +97,12 @@ def run_config(cfg, timer, env, tail, bar):
                 if samples:
                     _, counts = _call(inp, kf, kind, draws, samples, return_counts=True)()
                     row["v_frac"] = report.unique_v_rows(counts, cfg.kv_heads) / (tokens * cfg.kv_heads)
+                    row["stash_bytes"] = report.stash_bytes(scores, report.stash_entries_read(counts, cfg.n))
                     del counts
             except Exception as exc:
                 row["note"] = f"counts failed: {_err(exc)}"
             out = _measure(row, [("", lambda: _call(inp, kf, kind, draws, samples))], timer)
-        scored = kind in ("santa", "fm", "bern")
-        row["bytes"] = (row["k_frac"] * k_bytes + (stash if scored else 0) + row["v_frac"] * k_bytes + qo)
+        row["bytes"] = row["k_frac"] * k_bytes + row["stash_bytes"] + row["v_frac"] * k_bytes + qo
         row["floor_us"] = row["bytes"] / env["copy_bw"] * 1e6
         if out is not None:
             outs[label] = _as_f32(out, shape)
@@ -129,7 +131,8 @@ def markdown(meta, rows):
              f"- queries: standard normal × exp({meta['q_tail']} · N(0,1)) per channel, shared by each query "
              "group; K, V standard normal; bfloat16; seed " + str(meta["seed"]) + ".",
              "- K feat: fraction of key features read (mean-group stratified draws); V rows: distinct V "
-             "rows read. bytes: K features read + 8 B stash per score (sampling rows) + V rows read.",
+             "rows read. bytes: K features read + score stash (4 B per score written; read back whole by exact "
+             f"p V, in the {report.STASH_READ_RUN}-token runs that receive a draw by sampling) + V rows read.",
              "- × dense: best of FlashInfer and SDPA / this; × santa: SANTA alone at the same S / this; "
              "rel err: ‖o − o_exact‖ / ‖o_exact‖.",
              f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}", ""]

@@ -331,8 +331,10 @@ def run_config(cfg, tasks, timer, env, bar):
             try:  # untimed: which V rows this seed draws
                 _, counts = _santa_call(inp, scheme, samples, return_counts=True)()
                 v_rows = report.unique_v_rows(counts, cfg.kv_heads)
+                stash_read = report.stash_entries_read(counts, cfg.n)
                 del counts
-                row["bytes"] = report.santa_bytes(*sizes, v_rows)
+                row["bytes"] = report.santa_bytes(*sizes, v_rows, stash_read)
+                row["stash_bytes"] = report.stash_bytes(cfg.batch * cfg.n * cfg.q_heads, stash_read)
                 row["v_rows_frac"] = v_rows / (cfg.batch * cfg.n * cfg.kv_heads)
             except Exception as exc:
                 row["note"] = f"counts failed: {_err(exc)}"

@@ -12,18 +12,25 @@ import math
 import re
 from pathlib import Path
 
+import numpy
+
 from . import timing
 
 #: Methods that are dense baselines; the speedup column is over the fastest of them.
 DENSE_BASELINES = ("flashinfer", "sdpa")
 
-#: Bytes of score stash per (query head, token) of the SANTA kernel: an fp32 score written in the
-#: score pass and read back in the sampling pass.
-STASH_BYTES_PER_SCORE = 2 * 4
+#: Bytes of score stash per (query head, token) of the SANTA kernel: an fp32 score (or CDF edge)
+#: that the score pass writes for every valid token.
+STASH_BYTES_PER_SCORE = 4
+
+#: The sampling pass reads a query head's stash back in runs of this many tokens (a statistics
+#: part), and only the runs that receive a draw (at least: whole 256-token tiles where it works
+#: per tile).
+STASH_READ_RUN = 64
 
 ROW_KEYS = ("config", "group", "batch", "n", "q_heads", "kv_heads", "dim", "dtype", "layout",
             "page_size", "method", "scheme", "samples", "us", "us_min", "us_p10", "us_p90",
-            "bytes", "floor_us", "dense_floor_us", "tbps", "time_over_floor", "speedup",
+            "bytes", "stash_bytes", "floor_us", "dense_floor_us", "tbps", "time_over_floor", "speedup",
             "rel_err", "v_rows_frac", "note", "error")
 
 
@@ -38,13 +45,37 @@ def dense_bytes(batch, tokens, q_heads, kv_heads, dim, itemsize):
     return 2 * tokens * kv_heads * dim * itemsize + qo_bytes(batch, q_heads, dim, itemsize)
 
 
-def santa_bytes(batch, tokens, q_heads, kv_heads, dim, itemsize, v_rows,
-                stash_per_score=STASH_BYTES_PER_SCORE):
-    """Bytes a SANTA decode must move: all K rows, the score stash (``stash_per_score`` bytes
-    per query head and valid token), the ``v_rows`` distinct sampled V rows (summed over
-    sequences and KV heads), plus q and the output."""
-    return (tokens * kv_heads * dim * itemsize + stash_per_score * tokens * q_heads
+def santa_bytes(batch, tokens, q_heads, kv_heads, dim, itemsize, v_rows, stash_read):
+    """Bytes a SANTA decode must move: all K rows, the score stash (written for every query head
+    and valid token, ``stash_read`` entries of it read back), the ``v_rows`` distinct sampled V
+    rows (summed over sequences and KV heads), plus q and the output."""
+    return (tokens * kv_heads * dim * itemsize + stash_bytes(tokens * q_heads, stash_read)
             + v_rows * dim * itemsize + qo_bytes(batch, q_heads, dim, itemsize))
+
+
+def stash_bytes(written, read):
+    """Bytes of score stash moved: ``written`` entries stored, ``read`` entries loaded back."""
+    return STASH_BYTES_PER_SCORE * (written + read)
+
+
+def stash_entries_read(counts, n):
+    """Stash entries the sampling pass reads back, at least: the valid tokens of every
+    :data:`STASH_READ_RUN`-token run of a query head that receives a draw.
+
+    Parameters
+    ----------
+    counts : int array (batch, q_heads, capacity), NumPy or CuPy
+        Draws per cache row, as returned by ``santa_cupy.decode(..., return_counts=True)``.
+    n : int
+        Valid tokens of every sequence.
+    """
+    drawn = numpy.asarray(counts.get() if hasattr(counts, "get") else counts) > 0
+    batch, q_heads, cap = drawn.shape
+    runs = -(-cap // STASH_READ_RUN)
+    drawn = numpy.pad(drawn, ((0, 0), (0, 0), (0, runs * STASH_READ_RUN - cap)))
+    hit = drawn.reshape(batch, q_heads, runs, STASH_READ_RUN).any(axis=3).sum(axis=(0, 1))
+    valid = numpy.clip(n - STASH_READ_RUN * numpy.arange(runs), 0, STASH_READ_RUN)
+    return int(hit @ valid)
 
 
 def unique_v_rows(counts, kv_heads):
@@ -143,7 +174,8 @@ def markdown(meta, rows):
         f"- copy bandwidth {_fmt(bw and bw / 1e12, '.3f')} TB/s (device-to-device copy of "
         f"{meta.get('copy_mib')} MiB, bytes read + written / time); floor = bytes / copy bandwidth.",
         "- dense bytes: K and V of every valid token (+ q, output). SANTA bytes: K + "
-        f"{STASH_BYTES_PER_SCORE} B score stash per query head and token + distinct sampled V rows "
+        f"{STASH_BYTES_PER_SCORE} B score stash written per query head and token, and read back for the "
+        f"{STASH_READ_RUN}-token runs of a query head that receive a draw + distinct sampled V rows "
         "(union over each query group) (+ q, output).",
         "- × best dense: time of the faster of FlashInfer and SDPA / this time. rel err: "
         f"‖o − o_ref‖ / ‖o_ref‖ in float32, o_ref = {meta.get('reference', 'santa_cupy exact decode')}.",

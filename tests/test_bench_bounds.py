@@ -25,10 +25,13 @@ def test_target_and_rates_from_the_best_dense_row():
     assert b["dense"] == "flashinfer" and b["target_us"] == pytest.approx(100.0)
     rate = rows[0]["bytes"] / 200.0
     assert b["with_stash_us"] == pytest.approx(600e6 / rate)
-    stash = report.STASH_BYTES_PER_SCORE * 8 * 32768 * 32
+    stash = 2 * report.STASH_BYTES_PER_SCORE * 8 * 32768 * 32   # a file without the stash read: all of it
     assert b["no_stash_us"] == pytest.approx((600e6 - stash) / rate)
     assert b["with_stash_pct"] == pytest.approx(100 * b["with_stash_us"] / 100.0)
     assert bounds.key_bytes(rows[0]) == 8 * 32768 * 8 * 128 * 2
+    rows[2]["stash_bytes"] = 40e6                                # the stash bytes the row counted
+    (b,) = bounds.bounds(rows, {"c": 50.0}, targets=(("c", 2.0),))
+    assert b["no_stash_us"] == pytest.approx((600e6 - 40e6) / rate)
 
 
 @pytest.mark.parametrize("key_read, santa_bytes, verdict", [

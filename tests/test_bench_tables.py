@@ -51,15 +51,52 @@ def test_byte_counts():
     qo = 2 * 2 * 8 * 64 * 2
     assert report.dense_bytes(2, 1000, 8, 2, 64, 2) == 2 * 1000 * 2 * 64 * 2 + qo
     k = 1000 * 2 * 64 * 2
-    stash = 2 * 4 * 1000 * 8  # fp32 score written + read per query head and token
-    assert report.santa_bytes(2, 1000, 8, 2, 64, 2, v_rows=37) == k + stash + 37 * 64 * 2 + qo
+    stash = 4 * 1000 * 8 + 4 * 300  # fp32 score written per query head and token, 300 read back
+    assert report.santa_bytes(2, 1000, 8, 2, 64, 2, v_rows=37, stash_read=300) == k + stash + 37 * 64 * 2 + qo
+
+
+def _stash_read_by_loops(counts, n):
+    batch, heads, cap = counts.shape
+    total = 0
+    for b in range(batch):
+        for h in range(heads):
+            for r0 in range(0, cap, report.STASH_READ_RUN):
+                if counts[b, h, r0:r0 + report.STASH_READ_RUN].any():
+                    total += max(0, min(n, r0 + report.STASH_READ_RUN) - r0)
+    return total
+
+
+def test_stash_read_counts_runs_with_draws():
+    run = report.STASH_READ_RUN
+    counts = numpy.zeros((2, 3, 3 * run - 5), dtype=numpy.int32)   # capacity off the run size
+    counts[0, 0, 0] = 1                  # run 0 of (0, 0): a whole run
+    counts[0, 0, run - 1] = 2            # ... the same run again: counted once
+    counts[1, 2, 2 * run + 1] = 1        # the last run: 2 * run + 10 valid tokens leave 10 of it
+    assert report.stash_entries_read(counts, 2 * run + 10) == run + 10
+    counts[1, 1, run:2 * run] = 1        # a run drawn on every row is still one run
+    assert report.stash_entries_read(counts, 2 * run + 10) == 2 * run + 10
+    rng = numpy.random.default_rng(5)
+    counts = (rng.random((2, 4, 700)) < 0.01).astype(numpy.int32)
+    assert report.stash_entries_read(counts, 650) == _stash_read_by_loops(counts, 650)
+
+
+def test_stash_read_of_reference_draws():
+    sc = pytest.importorskip("santa_cupy")
+    rng = numpy.random.default_rng(2)
+    q = rng.standard_normal((1, 4, 64)).astype(numpy.float32)
+    k, v = (rng.standard_normal((1, 1024, 1, 64)).astype(numpy.float32) for _ in range(2))
+    _, counts = sc.decode(q, k, v, samples=8, seed=3, scheme="systematic", return_counts=True)
+    read = report.stash_entries_read(counts, 1024)
+    assert read == _stash_read_by_loops(counts, 1024)
+    # 8 draws per head land in at most 8 of its 16 runs
+    assert 0 < read <= 4 * 8 * report.STASH_READ_RUN
 
 
 def _fake_rows():
     geo = dict(config="b1-n4k", group="context", batch=1, n=4096, q_heads=32, kv_heads=8, dim=128,
                dtype="bfloat16", layout="contiguous")
     dense = report.dense_bytes(1, 4096, 32, 8, 128, 2)
-    santa = report.santa_bytes(1, 4096, 32, 8, 128, 2, v_rows=1000)
+    santa = report.santa_bytes(1, 4096, 32, 8, 128, 2, v_rows=1000, stash_read=4096 * 16)
     rows = [report.new_row(**geo, method="exact", us=30.0, bytes=dense, rel_err=0.0),
             report.new_row(**geo, method="sdpa", us=40.0, bytes=dense, rel_err=2e-3, note="FLASH_ATTENTION"),
             report.new_row(**geo, method="flashinfer", us=25.0, bytes=dense, rel_err=1e-3),
@@ -243,8 +280,11 @@ def test_run_config_on_the_cpu_reference(monkeypatch, cfg):
         v_rows = r["v_rows_frac"] * cfg.batch * cfg.n * cfg.kv_heads
         assert v_rows == pytest.approx(round(v_rows))
         assert 0 < v_rows <= cfg.batch * cfg.kv_heads * min(cfg.n, group * max(r["samples"], 2))
+        scores = cfg.batch * cfg.n * cfg.q_heads
+        stash_read = r["stash_bytes"] // report.STASH_BYTES_PER_SCORE - scores
+        assert 0 < stash_read <= scores
         assert r["bytes"] == report.santa_bytes(cfg.batch, cfg.batch * cfg.n, cfg.q_heads,
-                                                cfg.kv_heads, cfg.dim, itemsize, round(v_rows))
+                                                cfg.kv_heads, cfg.dim, itemsize, round(v_rows), stash_read)
     # more draws, closer to exact (same seed, fixed inputs; a loose check of the plumbing)
     assert by["santa systematic S=64"]["rel_err"] < by["santa systematic S=8"]["rel_err"]
     report.finish_rows(rows, BW)
