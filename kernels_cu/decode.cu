@@ -532,18 +532,35 @@ __device__ __forceinline__ void scores_body_pipelined(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready,
+    int tail_units, int* queue) {
   typedef Chunk<T, D> C;
   constexpr int W = SCORE_PIPE_WARPS, NS = SCORE_PIPE_STAGES, SC = SCORE_PIPE_CHUNKS;
   constexpr int PART = SANTA_TILE / STAT_PARTS, SPP = PART / (SC * CHUNK_ROWS);   // rows, steps per part
+  constexpr int UNIT = W * PART;                                                   // rows of a tail unit
   extern __shared__ __align__(128) char smem_raw[];
   __shared__ u32 mask_sm[W][NS];
   __shared__ int flag;
-  const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
   const int nsplit = gridDim.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane >> 2, tig = lane & 3;
+  const int G = q_heads / kv_heads;
   MAKE_CACHE;
-  const int len = clamp_len(kv_lens, b, capacity);
-  const int start = min(len, split * rows_per_split), end = min(len, start + rows_per_split);
+  // Work units: first the block's own split but its last tail_units units of UNIT rows, then
+  // (tail_units > 0) any pair's tail units from a queue shared by all blocks, so that blocks
+  // that stream fast take the work of slow ones. A pair's plan follows its last unit.
+  const int static_rows = rows_per_split - tail_units * UNIT;
+  const int units_total = nsplit * kv_heads * gridDim.z * tail_units, arrivals = nsplit * (1 + tail_units);
+  // queue[0]: the next ticket; queue[1]: blocks that have left, the last of which (no block
+  // draws again) resets the queue for the next call
+  auto leave = [&]() {
+    if (tail_units > 0 && threadIdx.x == 0 && last_arrival(queue + 1, (int)(gridDim.x * gridDim.y * gridDim.z)))
+      *queue = 0;
+  };
+  int b = blockIdx.z, kvh = blockIdx.y, first = blockIdx.x * rows_per_split, rows = static_rows;
+  int len;
+#pragma unroll 1
+  for (;;) {
+  len = clamp_len(kv_lens, b, capacity);
+  const int start = min(len, first), end = min(len, first + rows);
   const int parts = (end - start + PART - 1) / PART;
   const int mine = (parts > warp ? (parts - warp + W - 1) / W : 0) * SPP;   // steps
   const long long bh0 = (long long)b * q_heads + (long long)kvh * G;
@@ -675,10 +692,30 @@ __device__ __forceinline__ void scores_body_pipelined(
       m_lo = m_hi = NEG_INF; l_lo = l_hi = 0.f;
     });
   }
-  if (!last_block_done(counters, b * kv_heads + kvh, nsplit, &flag)) return;
-  build_plan<STAT_PARTS>(b, kvh, bh0, G, len, tiles_max, stat_m, stat_l, scheme, S,
-                         Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P, plan_pos, plan_off,
-                         ready ? ready + b * kv_heads + kvh : nullptr);
+  // The block that finishes a pair's last unit builds its plan and leaves (a call inside the loop
+  // would make the compiler keep the loop's values across it: spills); the others take the next
+  // unit from the queue.
+  if (last_block_done(counters, b * kv_heads + kvh, arrivals, &flag)) break;
+  if (tail_units == 0) return;
+  __shared__ int ticket_sm;
+  if (threadIdx.x == 0) ticket_sm = atomicAdd(queue, 1);
+  __syncthreads();
+  const int t = ticket_sm;
+  if (t >= units_total) {
+    leave();
+    return;
+  }
+  // ticket order: KV heads fastest (they share the rows' memory), then units, splits, sequences
+  kvh = t % kv_heads;
+  const int u = (t / kv_heads) % tail_units, s = (t / (kv_heads * tail_units)) % nsplit;
+  b = t / (kv_heads * tail_units * nsplit);
+  first = s * rows_per_split + static_rows + u * UNIT;
+  rows = UNIT;
+  }
+  leave();
+  build_plan<STAT_PARTS>(b, kvh, (long long)b * q_heads + (long long)kvh * G, G, len, tiles_max, stat_m, stat_l,
+                         scheme, S, Stream{keys, key, seq_per_batch, offset_ptr, offset}, plan_M, plan_Z, plan_P,
+                         plan_pos, plan_off, ready ? ready + b * kv_heads + kvh : nullptr);
 }
 
 // Pass 1 on a float32 cache: block-wide stages, scores on CUDA cores through shared memory.
@@ -687,7 +724,7 @@ __device__ __forceinline__ void scores_body(
     const T* q, const T* k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max, int stash_stride,
     float* stash, float* stat_m, float* stat_l, int* counters,
     int scheme, int S, const u64* keys, u64 key, int seq_per_batch, const u32* offset_ptr, u32 offset,
-    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready) {
+    float* plan_M, double* plan_Z, double* plan_P, double* plan_pos, u32* plan_off, int* ready, int, int*) {
   typedef Layout<T, D, SCORE_STAGE_BYTES> L;
   extern __shared__ __align__(128) char smem_raw[];
   const int G = q_heads / kv_heads, b = blockIdx.z, kvh = blockIdx.y, split = blockIdx.x;
@@ -757,10 +794,10 @@ __device__ __forceinline__ void scores_body(
 #define SCORE_ARGS const T *q, const T *k, CACHE_ARGS, float scale, int rows_per_split, int tiles_max,          \
     int stash_stride, float *stash, float *stat_m, float *stat_l, int *counters, int scheme, int S,               \
     const u64 *keys, u64 key, int seq_per_batch, const u32 *offset_ptr, u32 offset, float *plan_M, double *plan_Z,  \
-    double *plan_P, double *plan_pos, u32 *plan_off, int *ready
+    double *plan_P, double *plan_pos, u32 *plan_off, int *ready, int tail_units, int *queue
 #define SCORE_ARG_NAMES q, k, kv_lens, page_table, max_pages, page_size, num_pages, capacity, kv_heads, q_heads,    \
     scale, rows_per_split, tiles_max, stash_stride, stash, stat_m, stat_l, counters, scheme, S, keys, key,         \
-    seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off, ready
+    seq_per_batch, offset_ptr, offset, plan_M, plan_Z, plan_P, plan_pos, plan_off, ready, tail_units, queue
 template <typename T, int D>
 __global__ void __launch_bounds__(SANTA_THREADS, D >= 256 ? 1 : 2) santa_scores(SCORE_ARGS) {
   let_dependent_kernel_start();     // pass 2 waits for the plans it needs

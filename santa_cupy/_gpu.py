@@ -280,9 +280,10 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
         plan_P=ws.get("plan_P", B * H * (tiles_max + 1), cupy.float64),
         plan_pos=ws.get("plan_pos", B * H * samples if scheme == "iid" else 1, cupy.float64),
         plan_off=ws.get("plan_off", 1, cupy.uint32))
-    # kernels_cu: pass 1's split counters, then santa_values' (split counters, published plans, pairs done)
+    # kernels_cu: pass 1's split counters, then santa_values' (split counters, published plans, pairs
+    # done), then pass 1's queue of tail units (next ticket, blocks done)
     pairs = B * geo.kv_heads
-    counters = ws.get("santa_counters", 3 * pairs + 1, cupy.int32, zero=True)
+    counters = ws.get("santa_counters", 3 * pairs + 3, cupy.int32, zero=True)
     ready = counters[2 * pairs:3 * pairs] if publish else NULL
     keys, key, seq_per_batch, off_ptr, off, advance = _seed_args(seed, B)
     sort_bytes = 12 * samples if scheme == "iid" else 0      # kernels_cu/plan.cuh: sort_positions
@@ -292,6 +293,7 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
         kern, threads = _launch(name, dt, D, smem, max_shared=True), 32 * SCORE_PIPE_WARPS
         n1, per1 = _splits(tiles_max * STAT_PARTS, pairs, kern, smem, threads, multiple=SCORE_PIPE_WARPS)
         split_arg, stat_parts = per1 * (TILE // STAT_PARTS), STAT_PARTS       # rows per split
+        tail_units = _tail_units(per1, n1)
     else:
         if key_draws is None:
             smem = max(SCORE_STAGES * _stage_bytes(q.dtype, D, SCORE_STAGE_BYTES) + 4 * G * (D + TILE), sort_bytes)
@@ -304,7 +306,11 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
         n1, per1 = _splits(tiles_max, pairs, kern, smem)
         # santa_scores takes rows per split, key_scores tiles
         split_arg, stat_parts = (per1 * TILE if key_draws is None else per1), 1
-    extra = (ready,) if key_draws is None else (ready, *(numpy.int32(x) for x in key_draws))
+        tail_units = 0
+    if key_draws is None:
+        extra = (ready, numpy.int32(tail_units), counters[3 * pairs + 1:])
+    else:
+        extra = (ready, *(numpy.int32(x) for x in key_draws))
     args = (q, k, *cache, numpy.float32(scale), numpy.int32(split_arg), buf["tiles_max"], buf["stride"],
             buf["stash"], buf["stat_m"], buf["stat_l"], counters[:pairs],
             numpy.int32(SCHEME_CODES[scheme]), numpy.int32(samples), keys, key, seq_per_batch, off_ptr, off,
@@ -312,6 +318,15 @@ def _score_pass(q, k, cache, geo, scale, samples, scheme, seed, key_draws, publi
     buf.update(counters=counters[pairs:], advance=advance, seed=(keys, key, seq_per_batch),
                stat_parts=numpy.int32(stat_parts))
     return _dependent.prepare(kern, (n1, geo.kv_heads, B), (threads,), args, shared_mem=smem, dependent=False), buf
+
+
+def _tail_units(parts_per_split, splits):
+    """Units of SCORE_PIPE_WARPS statistics parts at the end of each pass-1 split (16-bit caches)
+    that go to a queue, from which the blocks that finish their own share first take them: one per
+    80 parts where pairs have several splits. Measured on an H200 (bench/NOTES.md, version 92):
+    about 1% faster at batch 8 and 16 / 32k; slower with more units, or with one split per pair
+    (a block that builds a plan leaves, so the queue loses its blocks)."""
+    return parts_per_split // (20 * SCORE_PIPE_WARPS) if splits > 1 else 0
 
 
 def _value_task_parts(stat_parts, scheme, samples, geo):

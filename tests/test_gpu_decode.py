@@ -201,6 +201,33 @@ def test_dependent_launch_leaves_results_bitwise_unchanged(monkeypatch):
     assert all((a == b).all() for a, b in zip(base, run()))
 
 
+@pytest.mark.parametrize("samples", [8, 256])
+@pytest.mark.parametrize("scheme", ("iid", "systematic", "tile"))
+@pytest.mark.parametrize("case", [("bfloat16", 128, 8, 2, None), ("float16", 64, 6, 2, 1),
+                                  ("bfloat16", 128, 12, 4, 16), ("float16", 256, 8, 2, 16)], ids=_ids)
+def test_pass_one_queue_leaves_results_bitwise_unchanged(case, scheme, samples, monkeypatch):
+    """Pass 1's splits with their whole share (or one unit) taken from the queue of tail units
+    give the bits of fixed splits, call after call (the queue resets itself). Splits as on a GPU
+    of 4 multiprocessors, so that they are long."""
+    from santa_cupy import _gpu
+    monkeypatch.setattr(_gpu, "_sm_count", lambda: 4)
+    dt, dim, hq, hk, ps = case
+    g = to_gpu(problem(23, 3, hq, hk, dim, 5000, dt, lens=[5000, 300, 2100], page_size=ps))
+
+    def run():
+        res = []
+        for _ in range(2):
+            out, lse, counts = sc.decode(**g, samples=samples, scheme=scheme, seed=5, return_lse=True,
+                                         return_counts=True)
+            res += [out.view(cupy.uint16).get(), lse.get(), counts.get()]
+        return res
+
+    base = run()
+    for units in (lambda per, n: per // _gpu.SCORE_PIPE_WARPS, lambda per, n: 1):
+        monkeypatch.setattr(_gpu, "_tail_units", units)
+        assert all((a == b).all() for a, b in zip(base, run()))
+
+
 def test_per_sequence_seeds_independent_of_batch_position():
     p = problem(7, 3, 8, 2, 128, 1500, "float16", lens=[1500, 1500, 1500])
     g = to_gpu(p)
