@@ -20,7 +20,8 @@ run tests python3 -m pytest -q -rf -p no:cacheprovider
 subset="counts_beyond or long_context or (santa_draws and (bfloat16-128-12-4-16 or float32-256-4-1-256 \
 or float16-64-6-2-1 or bfloat16-128-10-5-7)) or (exact_matches and (float16-64-6-2-1 or float32-64 \
 or bfloat16-128-12-4-16 or float32-256-4-1-256 or bfloat16-128-32-8)) \
-or (pass_one_queue and 256 and (bfloat16-128-12-4-16 or float16-64-6-2-1))"
+or (pass_one_queue and 256 and (bfloat16-128-12-4-16 or float16-64-6-2-1)) \
+or (part_tasks and systematic)"
 # the ternary-query kernel: paged and contiguous, 16-bit and float32, SANTA and exact p V on top
 key_subset="(scores_equal and stratified-mean and (bfloat16-128-16-1-16 or float32-64-6-3-4 or float16-64-8-2)) \
 or (combined and ((bfloat16-128-16-1-16 and iid) or (float32-64-6-3-4 and tile))) or (feature_major_exact and float16-256)"

@@ -107,6 +107,14 @@ __device__ __forceinline__ void cp_async16(u32 smem, const void* gmem, bool vali
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   cp_async16((u32)__cvta_generic_to_shared(smem), gmem, valid);
 }
+// Asks for the 128-byte lines of [p, p + BYTES) ahead of the loads that need them, holding no
+// register while they travel (prefetch.global.L1: the lines come through the L2, so that L2-only
+// loads find them there too).
+template <int BYTES> __device__ __forceinline__ void prefetch_lines(const void* p) {
+#pragma unroll
+  for (int i = 0; i < (BYTES + 127) / 128; ++i)
+    asm volatile("prefetch.global.L1 [%0];" :: "l"(__cvta_generic_to_global(reinterpret_cast<const char*>(p) + 128 * i)));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 

@@ -1043,6 +1043,14 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
   }
   }
   __syncthreads();
+  // Part draws: the stash of every (part, head) of the block that receives a draw, asked for at
+  // once, so that the warps' rounds find it near (bench/NOTES.md, version 95).
+  if constexpr (Q > 1)
+    for (int i = threadIdx.x; i < G * np; i += SANTA_THREADS) {
+      const int g = i / np, k = i - g * np;
+      if (bnd[g * (np + 1) + k + 1] > bnd[g * (np + 1) + k])
+        prefetch_lines<SANTA_TILE / Q * 4>(stash + (bh0 + g) * stash_stride + (size_t)(p0 + k) * (SANTA_TILE / Q));
+    }
 
   // Warps over heads first, so that the heads of the group read the same tiles (and V rows) at
   // about the same time; wt warps (a power of two) over tiles (tile tasks: interleaved) or the
@@ -1215,6 +1223,10 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
       int* slot = reinterpret_cast<int*>(list_u + LIST);   // lane of the round's n-th distinct part
       int n = 0, prev = -1;
       auto gather_list = [&]() {
+        for (int e = GB + lane; e < n; e += 32) {      // the rows past the first batch, asked for at once
+          const u32 at = list_u[e];
+          if (at != NO_ROW) prefetch_lines<D * (int)sizeof(T)>(v + (size_t)at * D);
+        }
         gather_rest(0, n, fac);
         n = 0; prev = -1;
         __syncwarp();
