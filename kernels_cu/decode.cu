@@ -1135,10 +1135,12 @@ __device__ __forceinline__ void values_body(VALUE_ARGS) {
     float pw[GB];
     gather(0, 0, 0.f, pf, pw);
     // this lane's 8 stashed scores (part draws: CDF edges) of part `part`: rows part * part_rows + sl * 8 ..
+    // (cached in the L1, where the block's prefetches leave them; wait_published's acquire orders
+    // the loads after pass 1's stores whatever the cache operator: NOTES version 96)
     const float* stash_g = stash + (bh0 + min(g, G - 1)) * stash_stride + sl * 8;
     auto load_stash = [&](int part, float4& s0, float4& s1) {
       const float4* sg = reinterpret_cast<const float4*>(stash_g + part * part_rows);
-      s0 = __ldcg(sg); s1 = __ldcg(sg + 1);
+      s0 = __ldca(sg); s1 = __ldca(sg + 1);
     };
     // One tile task: tile `tile` of `rows` rows, this lane's stashed scores s0, s1 and the draws d.
     auto task = [&](int tile, int rows, const float4 s0, const float4 s1, const TileDraws& d) {

@@ -25,13 +25,14 @@ __device__ __forceinline__ void tile_stats(const float* m, const float* l, int t
 }
 
 // One array's PARTS statistics of tile t; parts at or past `valid` (so every part of a tile past
-// the sequence) read as `fill`.
+// the sequence) read as `fill`. Four parts: one load through the L1, where pass 2's set-up finds a
+// tile's statistics again for its other parts (bench/NOTES.md, version 96).
 template <int PARTS>
 __device__ __forceinline__ void load_parts(const float* x, int t, int valid, float fill, float (&v)[PARTS]) {
   const int p0 = t * PARTS;
   if (p0 < valid) {                       // the tile lies within the buffer
     if constexpr (PARTS == 4) {           // a head's statistics start 16-byte aligned
-      const float4 a = __ldcg(reinterpret_cast<const float4*>(x) + t);
+      const float4 a = __ldca(reinterpret_cast<const float4*>(x) + t);
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
     } else {
 #pragma unroll
