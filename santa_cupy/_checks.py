@@ -4,6 +4,7 @@ import numbers
 
 import numpy
 
+from . import rng
 from .reference import SCHEMES, get_array_module
 
 FLOAT_KINDS = ("float16", "bfloat16", "float32", "float64")
@@ -21,10 +22,14 @@ class Geometry:
         self.paged, self.capacity, self.page_size = paged, capacity, page_size
 
 
-def array_kind(name, x):
+def _kind(x):
     mod = type(x).__module__.split(".")[0]
-    if mod in ("numpy", "cupy"):
-        return mod
+    return mod if mod in ("numpy", "cupy") else None
+
+
+def array_kind(name, x):
+    if _kind(x):
+        return _kind(x)
     raise TypeError(f"{name} must be a numpy or cupy array (convert DLPack tensors with "
                     f"cupy.from_dlpack), got {type(x).__name__}")
 
@@ -60,8 +65,14 @@ def positive_int(name, value, upper=None):
     return int(value)
 
 
+def flag(name, value):
+    if not isinstance(value, (bool, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def scheme_name(name, value, allowed=SCHEMES):
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
 
@@ -78,6 +89,23 @@ def scale_value(scale, dim):
 
 def _host(x):
     return x.get() if hasattr(x, "get") and not isinstance(x, numpy.ndarray) else numpy.asarray(x)
+
+
+def seed(value, batch, read_device):
+    """Check ``seed`` (see :func:`rng.resolve_seed`) before any work. The values of a CuPy seed
+    array are read (a synchronisation) only with ``read_device``."""
+    if value is None:
+        return
+    if _kind(value) == "cupy":
+        if value.dtype.kind not in "iu":
+            raise TypeError(f"seed must be an int, an int array of shape (batch,) or None, got dtype {value.dtype}")
+        if value.shape != (batch,):
+            raise ValueError(f"seed array must have shape ({batch},), got {value.shape}")
+        if read_device and value.dtype.kind == "i" and bool((value < 0).any()):
+            raise ValueError("seed values must be non-negative")
+        return
+    rng.resolve_seed(value, batch)
+
 
 
 def geometry(q, k, v, kv_lens, page_table):
@@ -114,6 +142,8 @@ def geometry(q, k, v, kv_lens, page_table):
             raise ValueError(f"page_table must have shape (batch={batch}, max_pages), got {page_table.shape}")
         if page_table.dtype.kind not in "iu":
             raise TypeError(f"page_table must be an integer array, got {page_table.dtype}")
+        if page_table.shape[1] < 1:
+            raise ValueError(f"page_table must have at least one column, got {page_table.shape}")
         geo = Geometry(batch, q_heads, kv_heads, dim, True, page_table.shape[1] * k.shape[1], k.shape[1])
     if kv_lens is not None:
         if kv_lens.shape != (batch,):
@@ -131,12 +161,13 @@ def values(q, k, v, kv_lens, page_table, geo, check_cache=True):
     xp = get_array_module(q)
     lens = None
     if kv_lens is not None:
-        lens = _host(kv_lens).astype(numpy.int64)
+        lens = _host(kv_lens)             # compared in its own dtype: uint64 does not wrap
         if lens.min() < 1 or lens.max() > geo.capacity:
             bad = int(lens.min() if lens.min() < 1 else lens.max())
             raise ValueError(f"kv_lens values must be in [1, {geo.capacity}], got {bad}")
+        lens = lens.astype(numpy.int64)
     if page_table is not None:
-        pt = _host(page_table).astype(numpy.int64)
+        pt = _host(page_table)
         used = numpy.arange(pt.shape[1])[None, :] < -(-lens[:, None] // geo.page_size)
         bad = used & ((pt < 0) | (pt >= k.shape[0]))
         if bad.any():
@@ -174,3 +205,5 @@ def output(out, shape, dtype, kind):
         raise ValueError(f"out must have shape {shape} and dtype {dtype}, got {out.shape} {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
+    if not getattr(out.flags, "writeable", True):
+        raise ValueError("out must be writeable")

@@ -57,6 +57,10 @@ def _decode_inputs(q, k, v, kv_lens, page_table, out, k_layout):
     return (q, k, k_view, v, kv_lens, page_table, out), geo, _checks.array_kind("q", q), back
 
 
+def _flags(**flags):
+    return [_checks.flag(n, v) for n, v in flags.items()]
+
+
 def _returns(out, lse, extra, back):
     results = [back(out)]
     if lse is not None:
@@ -153,7 +157,8 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     out : array (batch, q_heads, head_dim), optional
         Written in place; dtype of ``q``.
     return_lse : bool
-        Also return the exact natural log-sum-exp of the scores, float32 (batch, q_heads).
+        Also return the natural log-sum-exp of the scores, float32 (batch, q_heads): exact, or
+        of the estimated scores with ``key_draws``.
     return_counts : bool
         Also return int32 (batch, q_heads, capacity) counts of draws per cache row
         (logical positions). Meant for analysis: it costs a pass over a dense buffer.
@@ -190,6 +195,9 @@ def decode(q, k, v, samples=256, scheme="systematic", seed=None, kv_lens=None, p
     """
     (q, k, k_view, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(
         q, k, v, kv_lens, page_table, out, k_layout)
+    return_lse, return_counts, validate = _flags(return_lse=return_lse, return_counts=return_counts,
+                                                 validate=validate)
+    _checks.seed(seed, geo.batch, validate)
     _checks.scheme_name("scheme", scheme)
     _checks.scheme_name("dispatch", dispatch, ("sample", "auto"))
     _key_args(key_draws, key_scheme, key_group)
@@ -242,6 +250,8 @@ def decode_exact(q, k, v, kv_lens=None, page_table=None, scale=None, out=None, r
     """
     (q, k, k_view, v, kv_lens, page_table, out), geo, kind, back = _decode_inputs(
         q, k, v, kv_lens, page_table, out, k_layout)
+    return_lse, validate = _flags(return_lse=return_lse, validate=validate)
+    _checks.seed(seed, geo.batch, validate)
     _key_args(key_draws, key_scheme, key_group)
     scale = _checks.scale_value(scale, geo.dim)
     _checks.output(out, q.shape, q.dtype, kind)
@@ -304,11 +314,15 @@ def sample(p, samples, scheme="systematic", seed=None, *, logits=False, lengths=
     xp = reference.get_array_module(p)
     _checks.scheme_name("scheme", scheme)
     samples = _checks.positive_int("samples", samples)
-    if p.ndim not in (1, 2, 3) or p.shape[-1] < 1:
-        raise ValueError(f"p must have shape (n,), (rows, n) or (batch, heads, n), got {p.shape}")
+    logits, counts = _flags(logits=logits, counts=counts)
+    if p.dtype.kind not in "biuf" and p.dtype.name != "bfloat16":
+        raise TypeError(f"p must be a real array, got {p.dtype}")
+    if p.ndim not in (1, 2, 3) or min(p.shape) < 1:
+        raise ValueError(f"p must have shape (n,), (rows, n) or (batch, heads, n), none empty, got {p.shape}")
     shape = p.shape
     p3 = p.reshape((1, 1, -1) if p.ndim == 1 else (shape[0], 1, -1) if p.ndim == 2 else shape)
     batch, _, n = p3.shape
+    _checks.seed(seed, batch, True)
     w = xp.asarray(p3, dtype=xp.float64)
     if not bool(xp.isfinite(w).all()) and not logits:
         raise ValueError("p contains NaN or Inf")
@@ -325,6 +339,8 @@ def sample(p, samples, scheme="systematic", seed=None, *, logits=False, lengths=
         lens = numpy.full(batch, n, dtype=numpy.int64)
     else:
         _checks.same_kind(p=p, lengths=lengths)
+        if lengths.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be an integer array, got {lengths.dtype}")
         lens = _checks._host(lengths).astype(numpy.int64)
         if lens.shape != (batch,) or lens.min() < 1 or lens.max() > n:
             raise ValueError(f"lengths must have shape ({batch},) with values in [1, {n}]")
@@ -373,9 +389,10 @@ def ternary_query(q, draws, scheme="stratified", seed=None, kv_heads=None):
     _checks.array_kind("q", q)
     xp = reference.get_array_module(q)
     _checks.float_dtype("q", q)
-    if q.ndim != 3:
-        raise ValueError(f"q must have shape (batch, q_heads, head_dim), got {q.shape}")
+    if q.ndim != 3 or min(q.shape) < 1:
+        raise ValueError(f"q must have shape (batch, q_heads, head_dim), none empty, got {q.shape}")
     draws = _checks.positive_int("draws", draws)
+    _checks.seed(seed, q.shape[0], True)
     _checks.scheme_name("scheme", scheme, ("iid", "stratified"))
     if kv_heads is not None:
         _checks.positive_int("kv_heads", kv_heads)
@@ -389,20 +406,25 @@ def ternary_query(q, draws, scheme="stratified", seed=None, kv_heads=None):
 
 
 def bernoulli_scores(q, k, draws, scheme="stratified", seed=None, kv_lens=None, page_table=None,
-                     scale=None, key_group="mean", k_layout="standard"):
+                     scale=None, key_group="mean", k_layout="standard", validate=True):
     """Scores estimated from ternary queries: ``(estimate . K^T) * scale``.
 
     Unbiased for the exact scores (their softmax is not); ``-inf`` past ``kv_lens``. Shape
     (batch, q_heads, n_max) where ``n_max`` is the longest sequence; float64 from the reference,
     float32 from the kernels (CuPy arrays with ``k_layout='feature_major'``, see :func:`decode`).
     The draws are those :func:`ternary_query` returns for the same seed; see it for ``key_group``.
+    ``validate`` as for :func:`decode`.
     """
     k_view = _standard_view(k, k_layout)
     geo = _checks.geometry(q, k_view, k_view, kv_lens, page_table)
+    kind = _checks.array_kind("q", q)
+    [validate] = _flags(validate=validate)
+    _checks.seed(seed, geo.batch, validate)
+    _checks.positive_int("draws", draws)
     _key_args(draws, scheme, key_group, names=("draws", "scheme"))
     scale = _checks.scale_value(scale, geo.dim)
-    _checks.values(q, k_view, k_view, kv_lens, page_table, geo)
-    kind = _checks.array_kind("q", q)
+    if validate or kind == "numpy":
+        _checks.values(q, k_view, k_view, kv_lens, page_table, geo)
     if _kernel_path(kind, q, k, geo, draws, k_layout):
         from . import _gpu
         return _gpu.key_scores(q, k, kv_lens, page_table, geo, scale, seed, _key_codes(draws, scheme, key_group))

@@ -405,3 +405,115 @@ def test_bernoulli_scores_non_finite_key():
     k[0, 3, 1, 2] = numpy.nan
     with pytest.raises(ValueError, match="k"):
         sc.bernoulli_scores(a["q"], k, 2, seed=0)
+
+
+# ---------------------------------------------------------------- flags, seeds, read-only outputs
+
+@pytest.mark.parametrize("name", ["return_lse", "validate"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_flags_must_be_bool(name, value):
+    call_both(TypeError, name, **{name: value}, **base())
+
+
+@pytest.mark.parametrize("value", ["no", 0])
+def test_return_counts_must_be_bool(value):
+    with pytest.raises(TypeError, match="return_counts"):
+        sc.decode(samples=4, seed=0, return_counts=value, **base())
+
+
+@pytest.mark.parametrize("seed,exc", [(-1, ValueError), (2 ** 64, ValueError), (1.5, TypeError),
+                                      (True, TypeError), ("7", TypeError),
+                                      (numpy.array([1, -2]), ValueError), (numpy.array([1]), ValueError),
+                                      (numpy.array([1.0, 2.0]), TypeError)])
+def test_bad_seed_raises_before_the_values_are_read(seed, exc):
+    a = base()
+    a["k"][0, 0, 0, 0] = numpy.nan         # a bad seed is reported first
+    with pytest.raises(exc, match="seed"):
+        sc.decode(samples=4, seed=seed, **a)
+    with pytest.raises(exc, match="seed"):
+        sc.decode_exact(seed=seed, **a)
+
+
+def test_bad_seed_in_the_other_entry_points():
+    a = base()
+    with pytest.raises(ValueError, match="seed"):
+        sc.sample(numpy.ones((2, 5)), 4, seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        sc.ternary_query(a["q"], 2, seed=numpy.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="seed"):
+        sc.bernoulli_scores(a["q"], a["k"], 2, seed=-3)
+
+
+def test_read_only_out_raises_before_the_computation():
+    out = numpy.zeros((B, HQ, D), dtype=numpy.float32)
+    out.setflags(write=False)
+    call_both(ValueError, "out", out=out, **base())
+
+
+@pytest.mark.parametrize("lens", [numpy.array([2 ** 64 - 1, 5], dtype=numpy.uint64),
+                                  numpy.array([2 ** 63, 5], dtype=numpy.uint64)])
+def test_huge_unsigned_kv_lens_are_reported_as_given(lens):
+    a = base()
+    a["kv_lens"] = lens
+    call_both(ValueError, str(int(lens[0])), **a)
+
+
+def test_huge_unsigned_page_entry_is_reported_as_given():
+    a = paged_base()
+    a["page_table"] = a["page_table"].astype(numpy.uint64)
+    a["page_table"][0, 1] = 2 ** 64 - 1
+    call_both(ValueError, r"page_table\[0, 1\] = 18446744073709551615", **a)
+
+
+def test_page_table_without_columns_names_it():
+    a = paged_base()
+    a["page_table"] = a["page_table"][:, :0]
+    call_both(ValueError, "page_table", **a)
+
+
+def test_scheme_must_be_a_string():
+    with pytest.raises(ValueError, match="scheme"):
+        sc.decode(samples=4, seed=0, scheme=numpy.array(["iid", "tile"]), **base())
+    with pytest.raises(ValueError, match="k_layout"):
+        sc.decode_exact(k_layout=numpy.array("standard"), **base())
+
+
+@pytest.mark.parametrize("p,kw,exc,match", [
+    (numpy.array([0.5 + 1j, 0.5]), {}, TypeError, "p"),
+    (numpy.array(["a", "b"]), {}, TypeError, "p"),
+    (numpy.array([0.5, None]), {}, TypeError, "p"),
+    (numpy.ones((0, 5)), {}, ValueError, "p"),
+    (numpy.ones((2, 5)), dict(lengths=numpy.array([2.7, 3.2])), TypeError, "lengths"),
+    (numpy.ones((2, 5)), dict(lengths=numpy.array([True, True])), TypeError, "lengths"),
+    (numpy.ones((2, 5)), dict(logits="yes"), TypeError, "logits"),
+    (numpy.ones((2, 5)), dict(counts=1), TypeError, "counts"),
+])
+def test_more_bad_sample_inputs(p, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        sc.sample(p, 4, seed=0, **kw)
+
+
+@pytest.mark.parametrize("make", [lambda q: q[..., :0], lambda q: q[:, :0]])
+def test_empty_ternary_query_input(make):
+    with pytest.raises(ValueError, match="q"):
+        sc.ternary_query(make(base()["q"]), 2, seed=0, kv_heads=None)
+
+
+def test_bernoulli_scores_needs_draws_and_takes_validate():
+    a = base()
+    with pytest.raises(TypeError, match="draws"):
+        sc.bernoulli_scores(a["q"], a["k"], None, seed=0)
+    with pytest.raises(TypeError, match="validate"):
+        sc.bernoulli_scores(a["q"], a["k"], 2, seed=0, validate="no")
+    # NumPy inputs are always checked, validate or not
+    k = a["k"].copy()
+    k[0, 3, 1, 2] = numpy.nan
+    with pytest.raises(ValueError, match="k"):
+        sc.bernoulli_scores(a["q"], k, 2, seed=0, validate=False)
+
+
+def test_append_into_read_only_cache_raises():
+    k_fm = sc.to_feature_major(base()["k"])
+    k_fm.setflags(write=False)
+    with pytest.raises(ValueError, match="k_fm"):
+        sc.append_feature_major(k_fm, base()["k"][:, 0], numpy.array([3, 4]))
