@@ -254,7 +254,8 @@ def test_kernel_output_unbiased(scheme):
 
 
 def test_kernel_detects_bias_negative_control():
-    """The same test rejects a deliberately biased estimator (values shifted by 2% of their scale)."""
+    """The same test rejects a deliberately biased estimator (outputs shifted by a fifth of their
+    spread)."""
     p = problem(8, 1, 4, 1, 64, 900, "float32", lens=[900], peaked=True)
     g = to_gpu(p)
     exact = host(sc.decode_exact(**g))[0].ravel()
@@ -265,14 +266,17 @@ def test_kernel_detects_bias_negative_control():
 
 
 def test_stratified_variance_below_iid_on_kernel():
-    p = problem(9, 1, 8, 2, 128, 4000, "float32", lens=[4000])
+    """Peaked attention, where stratified and systematic draws halve iid's error (0.47 and 0.42 of
+    it on the reference, which draws the same rows; iid against iid with other seeds 0.99-1.02):
+    a kernel whose strata were lost would fail."""
+    p = problem(9, 1, 8, 2, 128, 4000, "float32", lens=[4000], peaked=True)
     g = to_gpu(p)
     exact = host(sc.decode_exact(**g))
     mse = {}
     for scheme in ("iid", "stratified", "systematic"):
         errs = [((host(sc.decode(**g, samples=64, scheme=scheme, seed=i)) - exact) ** 2).sum() for i in range(60)]
         mse[scheme] = numpy.mean(errs)
-    assert mse["stratified"] < mse["iid"] and mse["systematic"] < mse["iid"]
+    assert mse["stratified"] < 0.75 * mse["iid"] and mse["systematic"] < 0.75 * mse["iid"]
 
 
 def test_out_argument_and_lse():

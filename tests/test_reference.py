@@ -210,12 +210,20 @@ def test_return_counts(scheme, group):
         numpy.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
 
 
-def test_systematic_with_many_samples_is_near_exact():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_systematic_counts_are_floor_or_ceil_of_s_p(seed):
+    """Systematic draws are S points 1/S apart on the CDF: row j receives floor(S p_j) or
+    ceil(S p_j) of them (stratified draws do not, a negative control)."""
     q, k, v = make_problem(8, 1, 2, 1, 64, 200, numpy.float64)
-    exact = sc.decode_exact(q, k, v)
-    approx = sc.decode(q, k, v, samples=4096, scheme="systematic", seed=0)
-    numpy.testing.assert_allclose(approx, exact, atol=5e-3)
-    assert not numpy.array_equal(approx, exact)
+    S = 4096
+    s = numpy.einsum("bhd,bnd->bhn", q, k[:, :, 0]) / 8.0
+    p = numpy.exp(s - s.max(axis=-1, keepdims=True))
+    sp = S * p / p.sum(axis=-1, keepdims=True)
+    lo, hi = numpy.floor(sp * (1 - 1e-9)), numpy.ceil(sp * (1 + 1e-9))
+    _, cnt = sc.decode(q, k, v, samples=S, scheme="systematic", seed=seed, return_counts=True)
+    assert ((cnt >= lo) & (cnt <= hi)).all()
+    _, cnt = sc.decode(q, k, v, samples=S, scheme="stratified", seed=seed, return_counts=True)
+    assert not ((cnt >= lo) & (cnt <= hi)).all()
 
 
 def test_single_row_context_is_exact_for_every_scheme():
@@ -353,9 +361,18 @@ def test_ternary_query_mean_group(scheme):
         hits = draws.sum(axis=0)
         a = m / norm
         assert ((hits == numpy.floor(B * a)) | (hits == numpy.ceil(B * a))).all()
-    # mean-group and per-head use different streams (purpose words)
     _, _, d_head = sc.ternary_query(q, B, scheme, seed=4)
     assert d_head.shape == (B, 2, kv_heads * group, 16)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "stratified"])
+def test_mean_group_and_per_head_draws_use_different_streams(scheme):
+    """With every head of a group equal, per-head and mean-group draws have the same
+    probabilities: only their purpose words tell the streams apart."""
+    q = numpy.repeat(_qvec(21, (2, 2, 16)), 2, axis=1)          # groups of 2 equal heads
+    _, _, d_mean = sc.ternary_query(q, 8, scheme, seed=4, kv_heads=2)
+    _, _, d_head = sc.ternary_query(q, 8, scheme, seed=4)
+    assert not numpy.array_equal(d_mean[:, :, 0], d_head[:, :, 0])
 
 
 def test_ternary_query_many_draws_converges():
@@ -386,25 +403,33 @@ def test_bernoulli_scores_equal_estimate_times_keys(scheme, key_group):
     numpy.testing.assert_array_equal(s, sp)
 
 
+@pytest.mark.parametrize("key_scheme", ["iid", "stratified"])
 @pytest.mark.parametrize("key_group", ["mean", "head"])
-def test_decode_with_key_draws(key_group):
+def test_decode_with_key_draws(key_group, key_scheme):
+    """Exact p V over the estimated scores; sampled decode draws from their softmax (the draws of
+    sample() on them, not those of the other key scheme's scores)."""
     B = 8
     q, k, v = make_problem(20, 2, 4, 2, 64, 40, numpy.float32)
     lens = numpy.array([40, 17], dtype=numpy.int32)
-    s = sc.bernoulli_scores(q, k, B, "stratified", seed=5, kv_lens=lens, key_group=key_group)
+    s = sc.bernoulli_scores(q, k, B, key_scheme, seed=5, kv_lens=lens, key_group=key_group)
+    other = sc.bernoulli_scores(q, k, B, ({"iid", "stratified"} - {key_scheme}).pop(), seed=5, kv_lens=lens,
+                                key_group=key_group)
     p = numpy.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
     vv = v.astype(numpy.float64)[:, :40][:, :, numpy.arange(4) // 2]
     want = numpy.einsum("bhn,bnhd->bhd", p, vv)
-    got = sc.decode_exact(q, k, v, kv_lens=lens, key_draws=B, key_scheme="stratified",
+    got = sc.decode_exact(q, k, v, kv_lens=lens, key_draws=B, key_scheme=key_scheme,
                           key_group=key_group, seed=5)
     assert_close_dtype(got, want, numpy.float32)
     assert not numpy.allclose(got, sc.decode_exact(q, k, v, kv_lens=lens), rtol=1e-6, atol=0)
     for scheme in sc.SCHEMES:
         o, cnt = sc.decode(q, k, v, samples=16, scheme=scheme, seed=5, kv_lens=lens, key_draws=B,
-                           key_group=key_group, return_counts=True)
+                           key_scheme=key_scheme, key_group=key_group, return_counts=True)
         assert o.shape == q.shape and o.dtype == q.dtype and numpy.isfinite(o).all()
-        assert not cnt[1, :, 17:].any()
+        want_cnt, _ = sc.sample(s, 16, scheme, seed=5, logits=True, counts=True, lengths=lens)
+        numpy.testing.assert_array_equal(cnt, want_cnt)
+        assert not numpy.array_equal(cnt, sc.sample(other, 16, scheme, seed=5, logits=True, counts=True,
+                                                     lengths=lens)[0])
         numpy.testing.assert_array_equal(
             o, sc.decode(q, k, v, samples=16, scheme=scheme, seed=5, kv_lens=lens, key_draws=B,
-                         key_group=key_group))
+                         key_scheme=key_scheme, key_group=key_group))
