@@ -114,7 +114,8 @@ def geometry(q, k, v, kv_lens, page_table):
     for n, x in (("q", q), ("k", k), ("v", v)):
         float_dtype(n, x)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"q and k must share one dtype, got {q.dtype}, {k.dtype}" if v is k else
+                        f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.ndim != 3:
         raise ValueError(f"q must have shape (batch, q_heads, head_dim), got {q.shape}")
     if k.ndim != 4:

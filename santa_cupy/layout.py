@@ -37,6 +37,14 @@ def from_feature_major(k_fm):
     return xp.ascontiguousarray(xp.moveaxis(k_fm, 3, 1))
 
 
+def _in_range(name, x, end):
+    """Values of ``x`` (batch,) in [0, end), else a ValueError naming the first bad sequence."""
+    bad = _checks._host((x < 0) | (x >= end))
+    if bad.any():
+        b = int(bad.argmax())
+        raise ValueError(f"{name} must be in [0, {end}), got {int(x[b])} for sequence {b}")
+
+
 def append_feature_major(k_fm, k_new, positions, page_table=None):
     """Write one new key per sequence into a feature-major cache, in place.
 
@@ -62,24 +70,25 @@ def append_feature_major(k_fm, k_new, positions, page_table=None):
     batch = k_new.shape[0] if k_new.ndim == 3 else -1
     if k_new.ndim != 3 or k_new.shape[1:] != k_fm.shape[1:3]:
         raise ValueError(f"k_new must have shape (batch, {k_fm.shape[1]}, {k_fm.shape[2]}), got {k_new.shape}")
-    if positions.shape != (batch,) or positions.dtype.kind not in "iu":
-        raise ValueError(f"positions must be an integer array of shape ({batch},)")
+    if positions.dtype.kind not in "iu":
+        raise TypeError(f"positions must be an integer array, got {positions.dtype}")
+    if positions.shape != (batch,):
+        raise ValueError(f"positions must have shape ({batch},), got {positions.shape}")
     pos = xp.asarray(positions).astype(xp.int64)
     width = k_fm.shape[3]
     if page_table is None:
         if k_fm.shape[0] != batch:
             raise ValueError(f"k_fm batch {k_fm.shape[0]} differs from k_new batch {batch}")
-        if int(pos.min()) < 0 or int(pos.max()) >= width:
-            raise ValueError(f"positions must be in [0, {width})")
+        _in_range("positions", pos, width)
         rows, cols = xp.arange(batch), pos
     else:
-        if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.dtype.kind not in "iu":
-            raise ValueError(f"page_table must be an integer array of shape ({batch}, max_pages)")
-        if int(pos.min()) < 0 or int(pos.max()) >= page_table.shape[1] * width:
-            raise ValueError(f"positions must be in [0, {page_table.shape[1] * width})")
+        if page_table.dtype.kind not in "iu":
+            raise TypeError(f"page_table must be an integer array, got {page_table.dtype}")
+        if page_table.ndim != 2 or page_table.shape[0] != batch:
+            raise ValueError(f"page_table must have shape ({batch}, max_pages), got {page_table.shape}")
+        _in_range("positions", pos, page_table.shape[1] * width)
         rows = xp.asarray(page_table).astype(xp.int64)[xp.arange(batch), pos // width]
-        if int(rows.min()) < 0 or int(rows.max()) >= k_fm.shape[0]:
-            raise ValueError(f"page_table entries for the positions must be in [0, {k_fm.shape[0]})")
+        _in_range("page_table entries for the positions", rows, k_fm.shape[0])
         cols = pos % width
     k_fm[rows, :, :, cols] = k_new
     return k_fm

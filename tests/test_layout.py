@@ -43,9 +43,9 @@ def test_append_paged_matches_standard_layout():
 def test_append_bad_input_names_argument():
     kf = sc.to_feature_major(_cache((2, 8, 2, 64)))
     new = _cache((2, 2, 64))
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(ValueError, match="positions must be in \\[0, 8\\), got 8 for sequence 1"):
         sc.append_feature_major(kf, new, numpy.array([0, 8]))
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(TypeError, match="positions"):
         sc.append_feature_major(kf, new, numpy.array([0.0, 1.0]))
     with pytest.raises(ValueError, match="k_new"):
         sc.append_feature_major(kf, new[:, :1], numpy.array([0, 1]))

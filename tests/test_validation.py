@@ -517,3 +517,9 @@ def test_append_into_read_only_cache_raises():
     k_fm.setflags(write=False)
     with pytest.raises(ValueError, match="k_fm"):
         sc.append_feature_major(k_fm, base()["k"][:, 0], numpy.array([3, 4]))
+
+
+def test_bernoulli_scores_dtype_mismatch_names_q_and_k_only():
+    a = base()
+    with pytest.raises(TypeError, match="q and k must share one dtype, got float32, float16$"):
+        sc.bernoulli_scores(a["q"], a["k"].astype(numpy.float16), 2, seed=0)
