@@ -107,7 +107,6 @@ def seed(value, batch, read_device):
     rng.resolve_seed(value, batch)
 
 
-
 def geometry(q, k, v, kv_lens, page_table):
     """Check shapes, dtypes and layout of a decode call; return its :class:`Geometry`."""
     same_kind(q=q, k=k, v=v, kv_lens=kv_lens, page_table=page_table)
@@ -206,5 +205,9 @@ def output(out, shape, dtype, kind):
         raise ValueError(f"out must have shape {shape} and dtype {dtype}, got {out.shape} {out.dtype}")
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
-    if not getattr(out.flags, "writeable", True):
-        raise ValueError("out must be writeable")
+    writeable("out", out)
+
+
+def writeable(name, x):
+    if not getattr(x.flags, "writeable", True):      # (CuPy arrays always are)
+        raise ValueError(f"{name} must be writeable")

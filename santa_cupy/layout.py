@@ -63,8 +63,7 @@ def append_feature_major(k_fm, k_new, positions, page_table=None):
     """
     xp = _cache("k_fm", k_fm)
     _checks.same_kind(k_fm=k_fm, k_new=k_new, positions=positions, page_table=page_table)
-    if not getattr(k_fm.flags, "writeable", True):
-        raise ValueError("k_fm must be writeable")
+    _checks.writeable("k_fm", k_fm)
     if k_new.dtype != k_fm.dtype:
         raise TypeError(f"k_new dtype {k_new.dtype} differs from k_fm dtype {k_fm.dtype}")
     batch = k_new.shape[0] if k_new.ndim == 3 else -1
