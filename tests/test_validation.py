@@ -496,7 +496,7 @@ def test_more_bad_sample_inputs(p, kw, exc, match):
 @pytest.mark.parametrize("make", [lambda q: q[..., :0], lambda q: q[:, :0]])
 def test_empty_ternary_query_input(make):
     with pytest.raises(ValueError, match="q"):
-        sc.ternary_query(make(base()["q"]), 2, seed=0, kv_heads=None)
+        sc.ternary_query(make(base()["q"]), 2, seed=0)
 
 
 def test_bernoulli_scores_needs_draws_and_takes_validate():
