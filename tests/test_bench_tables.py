@@ -258,7 +258,7 @@ def _numpy_as_cupy():
                                  bd.Config(2, 100, q_heads=4, kv_heads=1, dim=64, dtype="float16",
                                            page_size=16)], ids=lambda c: c.name)
 def test_run_config_on_the_cpu_reference(monkeypatch, cfg):
-    pytest.importorskip("santa_cupy")
+    sc = pytest.importorskip("santa_cupy")
     monkeypatch.setitem(sys.modules, "cupy", _numpy_as_cupy())
     tasks = bd._tasks(("systematic", "tile"), (8, 64), bd.METHODS)
     timer = lambda fn: (fn(), {"median": 10.0, "min": 9.0, "p10": 9.5, "p90": 11.0})[1]  # noqa: E731
@@ -285,7 +285,14 @@ def test_run_config_on_the_cpu_reference(monkeypatch, cfg):
         assert 0 < stash_read <= scores
         assert r["bytes"] == report.santa_bytes(cfg.batch, cfg.batch * cfg.n, cfg.q_heads,
                                                 cfg.kv_heads, cfg.dim, itemsize, round(v_rows), stash_read)
-    # more draws, closer to exact (same seed, fixed inputs; a loose check of the plumbing)
+    # each row's error is that of its own call against exact on the same inputs
+    inp = bd.Inputs(cfg, bd.SEED, q_scale=4.0)
+    (q, k, v), kw = inp.santa_args()
+    exact = sc.decode_exact(q, k, v, **kw).astype(numpy.float32)
+    for scheme, samples in (("systematic", 8), ("systematic", 64), ("tile", 64)):
+        got = sc.decode(q, k, v, samples=samples, scheme=scheme, seed=bd.SEED, **kw).astype(numpy.float32)
+        want = numpy.linalg.norm((got - exact).ravel()) / numpy.linalg.norm(exact.ravel())
+        assert by[f"santa {scheme} S={samples}"]["rel_err"] == pytest.approx(want, rel=1e-6)
     assert by["santa systematic S=64"]["rel_err"] < by["santa systematic S=8"]["rel_err"]
     report.finish_rows(rows, BW)
     assert by["santa exact"]["floor_us"] == pytest.approx(dense / BW * 1e6)
