@@ -181,7 +181,9 @@ def _seed_args(seed, batch):
     if seed is None:
         counter = _call_counter()
         return NULL, numpy.uint64(rng.fresh_key()), numpy.int32(1), counter, numpy.uint32(0), counter
-    if isinstance(seed, cupy.ndarray):                 # checked by _checks.seed
+    if isinstance(seed, cupy.ndarray):
+        if seed.shape != (batch,) or seed.dtype.kind not in "iu":
+            raise ValueError(f"seed array must be an integer array of shape ({batch},)")
         keys = cupy.ascontiguousarray(seed).view(cupy.uint64) if seed.dtype.itemsize == 8 else seed.astype(cupy.uint64)
         return keys, numpy.uint64(0), numpy.int32(0), NULL, numpy.uint32(0), NULL
     if isinstance(seed, (int, numpy.integer)) and not isinstance(seed, bool):
