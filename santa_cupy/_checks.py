@@ -28,8 +28,9 @@ def _kind(x):
 
 
 def array_kind(name, x):
-    if _kind(x):
-        return _kind(x)
+    kind = _kind(x)
+    if kind:
+        return kind
     raise TypeError(f"{name} must be a numpy or cupy array (convert DLPack tensors with "
                     f"cupy.from_dlpack), got {type(x).__name__}")
 
